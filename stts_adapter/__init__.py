@@ -1,0 +1,28 @@
+"""stts_adapter: learned video token pruning (STTS) for vision-language models, applied like a PEFT adapter.
+
+```python
+from stts_adapter import STTSConfig, apply_stts
+model = apply_stts(vlm, STTSConfig(prune_ratio=0.5, prune_layer=3))
+```
+"""
+
+from .config import STTSConfig
+from .errors import AdapterLoadError, STTSConfigError, STTSInputError, UnsupportedModelError
+from .model import STTSModel, apply_stts
+from .registry import ArchitectureEntry, register_architecture, supported_architectures
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError",
+    "ArchitectureEntry",
+    "STTSConfig",
+    "STTSConfigError",
+    "STTSInputError",
+    "STTSModel",
+    "UnsupportedModelError",
+    "__version__",
+    "apply_stts",
+    "register_architecture",
+    "supported_architectures",
+]

@@ -1,0 +1,196 @@
+"""`STTSConfig`: every knob of the method, validated on construction, saved as JSON next to the adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AdapterLoadError, STTSConfigError
+
+CONFIG_NAME = "stts_config.json"
+METHODS = ("scorer", "random", "similarity")
+
+
+@dataclass
+class STTSConfig:
+    """Configuration of Spatio-Temporal Token Scoring (STTS) token pruning.
+
+    The first group of fields are the method's knobs; the second group is filled in by `apply_stts` and records
+    which base model the adapter was built for, so that `STTSModel.from_pretrained` can refuse a mismatch.
+
+    Example:
+        ```python
+        >>> from stts_adapter import STTSConfig
+        >>> STTSConfig(prune_ratio=0.5, prune_layer=3)
+        ```
+    """
+
+    prune_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of each video's pruning units removed, 0 <= prune_ratio < 1. The budget is per video: "
+            "floor(prune_ratio * units_in_video) units are dropped, chosen across all of its frames."
+        },
+    )
+    prune_layer: int = field(
+        default=3,
+        metadata={
+            "help": "0-based index of the ViT block whose output is scored. Block prune_layer + 1 still sees every "
+            "patch (with the soft key bias); blocks from prune_layer + 2 on run on kept patches only."
+        },
+    )
+    method: str = field(
+        default="scorer",
+        metadata={
+            "help": "'scorer' (the learned STTS scorer), 'random' (same budget, random units) or 'similarity' "
+            "(training-free: drop the units most similar to the same unit in the previous frame, as EVS does)."
+        },
+    )
+    aux_loss_weight: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the temporal auxiliary loss added to the LM loss in training mode."},
+    )
+    bias_min: float = field(
+        default=math.exp(-2),
+        metadata={
+            "help": "Lower end of the per-frame rescaling of scores before log() in the soft key bias of block "
+            "prune_layer + 1: the best unit of a frame gets bias 0, the worst log(bias_min). In (0, 1]."
+        },
+    )
+    keep_first_frame: bool = field(
+        default=True,
+        metadata={"help": "Always keep every unit of each video's first frame (first temporal slot)."},
+    )
+    scorer_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": "Width H of the scorer MLP (2D -> H -> H -> 1). None: the ViT's MLP width."},
+    )
+    scorer_num_heads: int | None = field(
+        default=None,
+        metadata={"help": "Heads of the scorer's attention pooling over a unit's patches. None: the ViT's heads."},
+    )
+    detach_aux_target: bool = field(
+        default=True,
+        metadata={
+            "help": "Detach the temporal target (1 - cosine between consecutive frames) so the auxiliary loss only "
+            "trains the scorer. Our choice; the reference code does not detach."
+        },
+    )
+    train_base_model: bool = field(
+        default=False,
+        metadata={
+            "help": "False (PEFT-style): freeze the base model, only the scorer trains. True: leave the base "
+            "model's parameters trainable as they were, e.g. for full fine-tuning with the scorer."
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the 'random' method in eval mode (training mode draws from torch's global RNG)."},
+    )
+
+    # Filled in by apply_stts; recorded so that an adapter is only loaded onto a base model it fits.
+    architecture: str | None = field(default=None, metadata={"help": "Registry entry of the base model family."})
+    base_model_class: str | None = field(default=None, metadata={"help": "Class name of the base model."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or path of the base model."})
+    vision_hidden_size: int | None = field(default=None, metadata={"help": "Hidden size of the scored ViT blocks."})
+    num_vision_blocks: int | None = field(default=None, metadata={"help": "Number of ViT blocks of the base model."})
+    patches_per_unit: int | None = field(default=None, metadata={"help": "ViT patches per pruning unit."})
+    stts_adapter_version: str | None = field(default=None, metadata={"help": "Library version that saved it."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field against its allowed range.
+
+        Raises:
+            STTSConfigError: naming the field, the value and what is allowed.
+        """
+        _check(_is_number(self.prune_ratio) and 0 <= self.prune_ratio < 1, "prune_ratio", self.prune_ratio,
+               "a number with 0 <= prune_ratio < 1 (the fraction of each video's units removed)")
+        _check(_is_int(self.prune_layer) and self.prune_layer >= 0, "prune_layer", self.prune_layer,
+               "an integer >= 0 (a 0-based ViT block index)")
+        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(_is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0, "aux_loss_weight",
+               self.aux_loss_weight, "a number >= 0")
+        _check(_is_number(self.bias_min) and 0 < self.bias_min <= 1, "bias_min", self.bias_min,
+               "a number with 0 < bias_min <= 1")
+        for name in ("keep_first_frame", "detach_aux_target", "train_base_model"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        for name in ("scorer_hidden_size", "scorer_num_heads"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value > 0), name, value, "None or an integer > 0")
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+
+    # ----------------------------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        """Returns:
+        `dict`: every field, JSON-serialisable.
+        """
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> STTSConfig:
+        """Build a config from a dict, e.g. a saved `stts_config.json`.
+
+        Keys this version does not know (written by a newer version) are ignored with a warning, as PEFT does.
+
+        Args:
+            values (`dict`): field names to values.
+
+        Returns:
+            `STTSConfig`
+        """
+        if not isinstance(values, dict):
+            raise STTSConfigError(f"An STTS config must be a JSON object (a dict), got {type(values).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown STTSConfig keys {unknown}: the adapter was probably saved by a newer "
+                "stts_adapter. Upgrade stts_adapter if the adapter does not behave as expected.",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the config as `stts_config.json` into `save_directory` (created if missing)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> STTSConfig:
+        """Read a config written by `save_pretrained`.
+
+        Raises:
+            AdapterLoadError: if the file is not valid JSON.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterLoadError(
+                f"{path} is not a valid STTS config (not valid JSON: {exc}). Re-save the adapter with "
+                "STTSModel.save_pretrained or fix the file."
+            ) from exc
+        return cls.from_dict(values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise STTSConfigError(f"STTSConfig.{name}={value!r} is invalid: expected {allowed}.")

@@ -1,0 +1,81 @@
+"""Wrappers that `apply_stts` puts around a model's ViT blocks, one attention and the connector.
+
+Each keeps the original module as `base_layer` (the PEFT way) and, outside a pruning pass, simply calls it, so the
+wrapped model behaves exactly as before. The wrappers are invisible in `state_dict()` (the `base_layer.` level is
+stripped on save and re-added on load), so the base model's checkpoint keys do not change while STTS is applied.
+`unload()` puts the original modules back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .registry import KEY_BIAS_KWARG
+from .runtime import active_pass
+
+_BASE = "base_layer."
+
+
+class BaseLayerWrapper(nn.Module):
+    """A module standing in for `base_layer`, transparent to `state_dict` and `load_state_dict`."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.register_state_dict_post_hook(_strip_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
+
+
+def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _BASE)]:
+        state_dict[prefix + key[len(prefix) + len(_BASE) :]] = state_dict.pop(key)
+
+
+def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _BASE)]:
+        state_dict[prefix + _BASE + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class STTSBlock(BaseLayerWrapper):
+    """A ViT block: inside a pruning pass, the pass decides how it runs (scored, biased, or on kept tokens)."""
+
+    def __init__(self, base_layer: nn.Module, block_index: int) -> None:
+        super().__init__(base_layer)
+        self.block_index = block_index
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        vision_pass = active_pass()
+        if vision_pass is None:
+            return self.base_layer(*args, **kwargs)
+        return vision_pass.run_block(self.block_index, self.base_layer, args, kwargs)
+
+
+class STTSKeyBiasAttention(BaseLayerWrapper):
+    """The self-attention of block prune_layer + 1: applies the soft key bias when its block passes one.
+
+    The bias arrives as a keyword argument of the call (not through the pass), so a gradient-checkpointed block
+    recomputes exactly the same thing in the backward pass.
+    """
+
+    def __init__(self, base_layer: nn.Module, attention_with_key_bias: Callable[..., Any]) -> None:
+        super().__init__(base_layer)
+        self.attention_with_key_bias = attention_with_key_bias
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key_bias = kwargs.pop(KEY_BIAS_KWARG, None)
+        if key_bias is None:
+            return self.base_layer(*args, **kwargs)
+        return self.attention_with_key_bias(self.base_layer, *args, key_bias=key_bias, **kwargs)
+
+
+class STTSConnector(BaseLayerWrapper):
+    """The connector (e.g. Qwen's patch merger): inside a pruning pass it runs on kept units only."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        vision_pass = active_pass()
+        if vision_pass is None:
+            return self.base_layer(*args, **kwargs)
+        return vision_pass.run_connector(self.base_layer, args, kwargs)

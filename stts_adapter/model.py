@@ -1,0 +1,393 @@
+"""`STTSModel`: a video VLM whose ViT and LLM only process the video tokens that matter."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .config import STTSConfig
+from .errors import STTSConfigError, STTSInputError
+from .layers import BaseLayerWrapper, STTSBlock, STTSConnector, STTSKeyBiasAttention
+from .registry import ArchitectureEntry, VisionSpec, find_architecture, get_architecture
+from .report import STTSReport
+from .runtime import PruningSettings, VisionPruningPass
+from .scorer import STTSScorer
+from .sequence import plan_sequence_pruning
+
+# Models whose STTS is switched off in the current context (thread / task) by `disable_stts`.
+_DISABLED: ContextVar[frozenset[int]] = ContextVar("stts_disabled_models", default=frozenset())
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def build_scorer(config: STTSConfig, spec: VisionSpec) -> STTSScorer | None:
+    """The scorer `config` asks for on a ViT of shape `spec` (None for the training-free methods)."""
+    if config.method != "scorer":
+        return None
+    return STTSScorer(
+        input_size=spec.hidden_size,
+        hidden_size=config.scorer_hidden_size or spec.mlp_size,
+        num_heads=config.scorer_num_heads or spec.num_heads,
+    )
+
+
+class STTSModel(nn.Module):
+    """A VLM wrapped with STTS token pruning. Create it with `apply_stts(model, config)` or
+    `STTSModel.from_pretrained(model, adapter)`.
+
+    It takes the base model's inputs (labels in the unpruned layout) and returns the base model's outputs computed
+    on the pruned sequence, plus `out.stts` (an `STTSReport`). Unknown attributes are looked up on the base model,
+    as with PEFT.
+
+    Args:
+        model (`nn.Module`): a supported transformers model, or a PeftModel around one. Wrapped in place.
+        config (`STTSConfig`): the method's settings (copied; the copy records the base model).
+    """
+
+    def __init__(self, model: nn.Module, config: STTSConfig) -> None:
+        super().__init__()
+        if isinstance(model, STTSModel):
+            raise TypeError("This model already has STTS applied; call .unload() first to apply a new config.")
+        if not isinstance(config, STTSConfig):
+            raise TypeError(f"config must be an STTSConfig, got {type(config).__name__}.")
+        transformers_model = unwrap_peft(model)
+        entry = find_architecture(transformers_model)
+        spec = entry.vision_spec(transformers_model)
+        _check_prune_layer(config, spec)
+        config = dataclasses.replace(
+            config,
+            architecture=entry.name,
+            base_model_class=type(transformers_model).__name__,
+            base_model_name_or_path=getattr(transformers_model.config, "_name_or_path", None) or None,
+            vision_hidden_size=spec.hidden_size,
+            num_vision_blocks=spec.num_blocks,
+            patches_per_unit=spec.patches_per_unit,
+        )
+        scorer = build_scorer(config, spec)
+        if scorer is not None:
+            vision_device = entry.vision_device(transformers_model)
+            vision_dtype = next(entry.get_vision_blocks(transformers_model).parameters()).dtype
+            scorer.to(device=vision_device, dtype=torch.promote_types(vision_dtype, torch.float32))
+
+        self.base_model = model
+        self.scorer = scorer
+        self.training = model.training  # follow the base model's mode without touching its submodules
+        if scorer is not None:
+            scorer.train(model.training)
+        self.stts_config = config
+        self._entry_name = entry.name
+        self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
+        if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def architecture(self) -> ArchitectureEntry:
+        """The registry entry of the base model's family."""
+        return get_architecture(self._entry_name)
+
+    @property
+    def transformers_model(self) -> nn.Module:
+        """The transformers model (inside the PeftModel, if any)."""
+        return unwrap_peft(self.base_model)
+
+    def _check_loaded(self) -> None:
+        if self._injected is None:
+            raise RuntimeError("This STTSModel was unloaded; apply_stts(model, config) again to use STTS.")
+
+    def _prunes(self, inputs: dict[str, Any]) -> bool:
+        return id(self) not in _DISABLED.get() and self.architecture.has_videos(inputs)
+
+    def _settings(self) -> PruningSettings:
+        c = self.stts_config
+        return PruningSettings(
+            prune_ratio=c.prune_ratio,
+            prune_layer=c.prune_layer,
+            method=c.method,
+            bias_min=c.bias_min,
+            keep_first_frame=c.keep_first_frame,
+            detach_aux_target=c.detach_aux_target,
+            seed=c.seed,
+            training=self.training,
+        )
+
+    # ------------------------------------------------------------------------------------------------ running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the base model on the pruned inputs.
+
+        Args:
+            **kwargs: exactly the base model's inputs, as its processor makes them; `labels` in the unpruned layout.
+
+        Returns:
+            The base model's output over the pruned sequence, with `out.stts` (an `STTSReport`) when videos were
+            pruned. In training mode `out.loss` = LM loss + `aux_loss_weight` x temporal auxiliary loss.
+        """
+        self._check_loaded()
+        kwargs = _inputs_as_kwargs(args, kwargs)
+        if not self._prunes(kwargs):
+            return self.base_model(**kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
+        outputs = self.base_model(**model_inputs, return_dict=True)
+        weight = self.stts_config.aux_loss_weight
+        if outputs.get("loss") is not None:
+            report.lm_loss = outputs.loss
+            if self.training and report.aux_loss is not None and weight > 0:
+                outputs["loss"] = outputs.loss + weight * report.aux_loss.to(outputs.loss.dtype)
+        outputs.stts = report  # an attribute, not a key: invisible to to_tuple() and the Trainer
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`generate` of the base model on the pruned prompt.
+
+        Decoding continues the unpruned positions (the kept tokens keep their original positions). Like the base
+        model, it returns the prompt ids, UNPRUNED, followed by the new tokens.
+
+        Args:
+            **kwargs: the base model's `generate` arguments.
+
+        Returns:
+            What the base model's `generate` returns, with the unpruned prompt in `sequences`.
+        """
+        self._check_loaded()
+        kwargs = _inputs_as_kwargs(args, kwargs)
+        if not self._prunes(kwargs):
+            return self.base_model.generate(**kwargs)
+        prompt = kwargs["input_ids"]
+        model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
+        pruned_length = model_inputs["input_ids"].shape[1]
+        output = self.base_model.generate(**model_inputs)
+        return _restore_prompt(output, prompt, pruned_length)
+
+    def _prune_inputs(self, inputs: dict[str, Any], default_padding_side: str) -> tuple[dict[str, Any], STTSReport]:
+        """Run the ViT with pruning, then cut the pruned units' placeholders out of every per-token input."""
+        entry, model = self.architecture, self.transformers_model
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise STTSInputError(
+                "STTS needs `input_ids` to find the video placeholder tokens; pass input_ids (not inputs_embeds) "
+                "as the model's processor makes them."
+            )
+        layout = entry.video_layout(model, inputs)
+        placeholder_mask = entry.placeholder_mask(model, input_ids)
+        if int(placeholder_mask.sum()) != layout.num_units:
+            raise STTSInputError(
+                f"The batch holds {int(placeholder_mask.sum())} video placeholder tokens but its videos have "
+                f"{layout.num_units} units ({list(layout.units_per_video)} per video); build the batch with the "
+                "model's processor so each unit has exactly one placeholder."
+            )
+        vision_pass = VisionPruningPass(
+            entry, self._settings(), self.scorer, layout, entry.vision_tokens(model, inputs, layout)
+        )
+        with vision_pass.active():
+            features = entry.encode_videos(model, inputs)  # (num_units, llm_hidden)
+        keep = vision_pass.keep
+        positions = entry.original_positions(model, inputs)
+
+        sequence = plan_sequence_pruning(placeholder_mask, keep, inputs.get("attention_mask"), default_padding_side)
+        model_inputs = {k: v for k, v in inputs.items() if k not in entry.video_inputs}
+        pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        for name, pad_value in (("input_ids", pad_token_id), ("labels", -100), ("mm_token_type_ids", 0)):
+            if model_inputs.get(name) is not None:
+                model_inputs[name] = sequence.prune(model_inputs[name], pad_value)
+        model_inputs["attention_mask"] = sequence.attention_mask
+        model_inputs["position_ids"] = sequence.prune(positions, 0)
+
+        units = list(layout.units_per_video)
+        kept_features = [f[k] for f, k in zip(features.split(units), keep.split(units))]
+        model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
+        report = STTSReport(
+            units_before=units,
+            units_after=[int(k.sum()) for k in keep.split(units)],
+            keep_masks=layout.split(keep),
+            scores=layout.split(vision_pass.scores.detach()),
+            aux_loss=vision_pass.aux_loss,
+            sequence=sequence,
+        )
+        return model_inputs, report
+
+    # ------------------------------------------------------------------------------------------ runtime knobs
+    @contextlib.contextmanager
+    def disable_stts(self) -> Iterator[STTSModel]:
+        """Within this context (this thread / task only) the model is exactly the base model."""
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
+        try:
+            yield self
+        finally:
+            _DISABLED.reset(token)
+
+    def set_prune_ratio(self, prune_ratio: float) -> None:
+        """Change the fraction of video units pruned, without re-wrapping (takes effect at the next call)."""
+        self.stts_config = dataclasses.replace(self.stts_config, prune_ratio=prune_ratio)
+
+    def unload(self) -> nn.Module:
+        """Remove every wrapper and restore `requires_grad`, giving back the base model exactly as it was.
+
+        Returns:
+            The base model (a PeftModel if one was wrapped).
+        """
+        self._check_loaded()
+        for parent, name, wrapper in reversed(self._injected):
+            setattr(parent, name, wrapper.base_layer)
+        for parameter, requires_grad in self._requires_grad_before:
+            parameter.requires_grad_(requires_grad)
+        self._injected = None
+        return self.base_model
+
+    # ------------------------------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Returns:
+        `(trainable, total)` parameter counts of the whole model, scorer included.
+        """
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable parameter count, as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------------------------------ save and load
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save the adapter only: `stts_config.json`, `stts_model.safetensors` (scorer weights) and a model card.
+
+        Args:
+            save_directory (`str`): created if missing.
+            is_main_process (`bool`, *optional*, defaults to True): only the main process writes (distributed runs).
+        """
+        from .io import save_adapter
+
+        save_adapter(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path_or_repo_id: str,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        is_trainable: bool = False,
+    ) -> STTSModel:
+        """Load a saved adapter onto `model`, which must be the base model (family and size) it was made for.
+
+        Everything is checked before `model` is touched: after a failed load it is unchanged.
+
+        Args:
+            model (`nn.Module`): the base model (or a PeftModel around it).
+            path_or_repo_id (`str`): a directory written by `save_pretrained`, or a Hub repo id.
+            revision (`str`, *optional*): branch, tag or commit on the Hub.
+            token (`str` or `bool`, *optional*): Hub token.
+            is_trainable (`bool`): False (default) loads for inference: scorer frozen, model in eval mode.
+
+        Returns:
+            `STTSModel`
+        """
+        from .io import load_adapter
+
+        return load_adapter(cls, model, path_or_repo_id, revision=revision, token=token, is_trainable=is_trainable)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter (config, weights, model card) to the Hub. See `stts_adapter.io.push_adapter_to_hub`."""
+        from .io import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, **kwargs)
+
+
+def apply_stts(model: nn.Module, config: STTSConfig | None = None) -> STTSModel:
+    """Wrap a supported VLM (or a PeftModel around one) with STTS token pruning, in place.
+
+    Args:
+        model (`nn.Module`): e.g. a `Qwen2_5_VLForConditionalGeneration`.
+        config (`STTSConfig`, *optional*): defaults to `STTSConfig()`.
+
+    Returns:
+        `STTSModel`: only the scorer is trainable unless `config.train_base_model` (or LoRA from a PeftModel).
+    """
+    return STTSModel(model, config if config is not None else STTSConfig())
+
+
+# ------------------------------------------------------------------------------------------------ internals
+def _check_prune_layer(config: STTSConfig, spec: VisionSpec) -> None:
+    last = spec.num_blocks - 2
+    if config.prune_layer > last:
+        raise STTSConfigError(
+            f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: its ViT has {spec.num_blocks} "
+            f"blocks and STTS scores block prune_layer and biases block prune_layer + 1, so prune_layer must be "
+            f"between 0 and {last}."
+        )
+
+
+def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: int) -> list:
+    """Wrap blocks prune_layer.., the attention of block prune_layer + 1 and the connector.
+
+    Returns:
+        `[(parent, attribute, wrapper), ...]` in injection order, for `unload`.
+    """
+    injected: list[tuple[nn.Module, str, BaseLayerWrapper]] = []
+
+    def wrap(parent: nn.Module, name: str, wrapper: BaseLayerWrapper) -> None:
+        setattr(parent, name, wrapper)
+        injected.append((parent, name, wrapper))
+
+    try:
+        blocks = entry.get_vision_blocks(model)
+        for index in range(prune_layer, len(blocks)):
+            wrap(blocks, str(index), STTSBlock(blocks[index], index))
+        biased_block = blocks[prune_layer + 1].base_layer
+        attention = getattr(biased_block, entry.block_attention)
+        wrap(biased_block, entry.block_attention, STTSKeyBiasAttention(attention, entry.attention_with_key_bias))
+        if entry.connector is not None:
+            parent_name, _, name = entry.connector.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrap(parent, name, STTSConnector(getattr(parent, name)))
+    except Exception:
+        for parent, name, wrapper in reversed(injected):
+            setattr(parent, name, wrapper.base_layer)
+        raise
+    return injected
+
+
+def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if len(args) > 1:
+        raise TypeError("Pass the model inputs as keyword arguments (input_ids may be the only positional one).")
+    if args:
+        if "input_ids" in kwargs:
+            raise TypeError("input_ids was given both positionally and as a keyword.")
+        kwargs = {"input_ids": args[0], **kwargs}
+    return kwargs
+
+
+def _restore_prompt(output: Any, prompt: torch.Tensor, pruned_length: int) -> Any:
+    """Replace the pruned prompt at the start of generated sequences with the unpruned one."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = prompt.to(sequences.device).repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+    restored = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    if isinstance(output, ModelOutput):
+        output["sequences"] = restored
+    return output

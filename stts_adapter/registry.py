@@ -1,0 +1,252 @@
+"""The `ArchitectureEntry` contract and the registry of supported model families.
+
+An entry describes one model family: how to recognise it, where its ViT blocks and connector live, what a pruning
+unit is, and the few functions whose tensors differ between families. The core (`STTSModel`) owns everything else.
+Entries register with the `@register_architecture` decorator; third-party packages can also expose entries in the
+`stts_adapter.architectures` entry-point group, and `pip install` of the package is enough.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .errors import UnsupportedModelError
+from .selection import VideoLayout
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "stts_adapter.architectures"
+KEY_BIAS_KWARG = "stts_key_bias"
+"""Keyword under which a block wrapper hands the per-token key bias to the block's (wrapped) attention."""
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The dimensions of a model's ViT that the scorer and the checks need.
+
+    Args:
+        hidden_size (`int`): width D of the ViT blocks.
+        num_heads (`int`): attention heads of the ViT.
+        mlp_size (`int`): MLP width of the ViT blocks (default scorer width).
+        num_blocks (`int`): number of ViT blocks.
+        patches_per_unit (`int`): ViT patches merged into one LLM token by the connector.
+    """
+
+    hidden_size: int
+    num_heads: int
+    mlp_size: int
+    num_blocks: int
+    patches_per_unit: int
+
+
+class ArchitectureEntry:
+    """How one model family is built, for the core to prune it. Subclass, fill in the declarations, implement
+    the methods marked *family*, and decorate the class with `@register_architecture`.
+
+    Declarations (class attributes):
+        name: registry key, e.g. "qwen2_5_vl".
+        model_types: `config.model_type` values this entry handles.
+        vision_blocks: dotted path, from the transformers model, of the ViT blocks (an `nn.ModuleList`).
+        connector: dotted path of the module that turns kept patches into LLM tokens (None if there is none).
+        block_attention: attribute of a ViT block holding its self-attention (receives the key bias).
+        video_pixels: keyword argument of `forward` that carries the videos' pixels.
+        video_inputs: every keyword argument about the videos; the core consumes them and does not pass them on.
+        image_inputs: keyword arguments that `get_image_features` needs next to the pixels (images are never
+            pruned, but they are encoded by the core when videos are).
+        placeholder_token: attribute of the model config holding the video placeholder token id.
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    vision_blocks: ClassVar[str]
+    connector: ClassVar[str | None] = None
+    block_attention: ClassVar[str] = "attn"
+    video_pixels: ClassVar[str] = "pixel_values_videos"
+    video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos", "video_grid_thw")
+    image_inputs: ClassVar[tuple[str, ...]] = ("image_grid_thw",)
+    placeholder_token: ClassVar[str] = "video_token_id"
+
+    # --------------------------------------------------------------------------------------------- recognition
+    def matches(self, model: nn.Module) -> bool:
+        """Whether `model` (a transformers model, never a PeftModel) belongs to this family."""
+        return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
+
+    def vision_spec(self, model: nn.Module) -> VisionSpec:
+        """*family* The ViT's dimensions."""
+        raise NotImplementedError
+
+    def get_vision_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.vision_blocks)
+
+    def vision_device(self, model: nn.Module) -> torch.device:
+        """Device of the ViT blocks (with a device map it may differ from the LLM's)."""
+        return next(self.get_vision_blocks(model).parameters()).device
+
+    # ------------------------------------------------------------------------------------------------ the ViT
+    def has_videos(self, inputs: dict[str, Any]) -> bool:
+        return inputs.get(self.video_pixels) is not None
+
+    def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
+        """*family* Frames and units of every video in the batch, in placeholder order."""
+        raise NotImplementedError
+
+    def vision_tokens(self, model: nn.Module, inputs: dict[str, Any], layout: VideoLayout) -> Any:
+        """*family* The unit and attention segment of every ViT token (e.g. a `packing.VarlenTokens`)."""
+        raise NotImplementedError
+
+    def encode_videos(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """*family* Run the model's own video encoder (the wrappers prune inside it).
+
+        Returns:
+            `torch.Tensor` of shape `(num_units, llm_hidden_size)`: LLM-ready features in the flat video layout; the
+            rows of pruned units are unused.
+        """
+        raise NotImplementedError
+
+    def attention_with_key_bias(self, attention: nn.Module, *args: Any, key_bias: torch.Tensor, **kwargs: Any):
+        """*family* The block's self-attention with an additive bias on the key side, `key_bias` having one value
+        per ViT token (0 = unchanged), broadcast over heads and queries."""
+        raise NotImplementedError
+
+    def prune_tokens(self, tokens: Any, keep_units: torch.Tensor, block_output: Any, block_kwargs: dict) -> Any:
+        """*family* Remove the pruned units' tokens after block prune_layer + 1.
+
+        Returns:
+            `(hidden_states, pruned)`: what the next block receives, and the state `pruned_block_inputs` and
+            `run_connector` need.
+        """
+        raise NotImplementedError
+
+    def pruned_block_inputs(self, block_index: int, args: tuple, kwargs: dict, pruned: Any) -> tuple[tuple, dict]:
+        """*family* Arguments of a block that runs on kept tokens only (segments, rotary tables...)."""
+        raise NotImplementedError
+
+    def run_connector(self, connector: nn.Module, args: tuple, kwargs: dict, pruned: Any) -> Any:
+        """*family* Run the connector on kept tokens, returning what the model expects from it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ the LLM
+    def placeholder_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq)` True at the video placeholder tokens, one per unit, in layout order."""
+        return input_ids == getattr(model.config, self.placeholder_token)
+
+    def original_positions(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """*family* Position ids of the UNPRUNED sequence, as the base model would compute them (`(..., B, L)`)."""
+        raise NotImplementedError
+
+    def language_model_inputs(
+        self, model: nn.Module, inputs: dict[str, Any], video_features: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        """The base model's keyword arguments, with the kept video features in place of the videos.
+
+        The default uses the transformers 5 `mm_encoder_outputs` protocol. Images are encoded here, unpruned,
+        because a forward refuses pixel values next to `mm_encoder_outputs`.
+
+        Args:
+            model: the transformers model.
+            inputs (`dict`): the call's keyword arguments, per-token tensors already pruned, videos removed.
+            video_features (`list[torch.Tensor]`): one `(kept_units, llm_hidden_size)` tensor per video.
+
+        Returns:
+            `dict`: keyword arguments for the base model's `forward` / `generate`.
+        """
+        inputs = dict(inputs)
+        encoder_outputs = dict(inputs.pop("mm_encoder_outputs", None) or {})
+        pixel_values = inputs.pop("pixel_values", None)
+        if pixel_values is not None and encoder_outputs.get("image") is None:
+            image_kwargs = {name: inputs[name] for name in self.image_inputs if inputs.get(name) is not None}
+            encoder_outputs["image"] = model.get_image_features(pixel_values, return_dict=True, **image_kwargs)
+        encoder_outputs["video"] = BaseModelOutputWithPooling(pooler_output=tuple(video_features))
+        inputs["mm_encoder_outputs"] = encoder_outputs
+        return inputs
+
+
+_REGISTRY: dict[str, ArchitectureEntry] = {}
+_BUILTINS_LOADED = False
+
+
+def register_architecture(entry: type[ArchitectureEntry] | ArchitectureEntry):
+    """Register a model family. Use as a class decorator or call with an instance.
+
+    Args:
+        entry: an `ArchitectureEntry` subclass (instantiated without arguments) or instance.
+
+    Returns:
+        The argument, unchanged, so it works as a decorator.
+
+    Example:
+        ```python
+        >>> from stts_adapter import register_architecture
+        >>> from stts_adapter.registry import ArchitectureEntry
+        >>> @register_architecture
+        ... class MyVLMEntry(ArchitectureEntry):
+        ...     name = "my_vlm"
+        ...     model_types = ("my_vlm",)
+        ...     vision_blocks = "model.vision_tower.blocks"
+        ```
+    """
+    instance = entry() if isinstance(entry, type) else entry
+    if not isinstance(instance, ArchitectureEntry):
+        raise TypeError(f"register_architecture expects an ArchitectureEntry subclass, got {entry!r}.")
+    for attribute in ("name", "model_types", "vision_blocks"):
+        if not hasattr(instance, attribute):
+            raise TypeError(f"{type(instance).__name__} must declare `{attribute}` to be registered.")
+    if instance.name in _REGISTRY and type(_REGISTRY[instance.name]) is not type(instance):
+        logger.warning("Architecture %r is registered again; the new entry replaces the old one.", instance.name)
+    _REGISTRY[instance.name] = instance
+    return entry
+
+
+def _load_builtin_and_plugin_entries() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    importlib.import_module("stts_adapter.model_registry")
+    for plugin in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register_architecture(plugin.load())
+        except Exception as exc:  # a broken plugin must not break the built-in families
+            logger.warning("Could not load STTS architecture plugin %r: %s", plugin.name, exc)
+
+
+def supported_architectures() -> list[str]:
+    """Names of all registered model families (built-in and plugins), sorted."""
+    _load_builtin_and_plugin_entries()
+    return sorted(_REGISTRY)
+
+
+def get_architecture(name: str) -> ArchitectureEntry:
+    """The entry registered under `name`."""
+    _load_builtin_and_plugin_entries()
+    if name not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"No STTS architecture is registered as {name!r}. Supported: {', '.join(supported_architectures())}."
+        )
+    return _REGISTRY[name]
+
+
+def find_architecture(model: nn.Module) -> ArchitectureEntry:
+    """The entry that recognises `model`.
+
+    Raises:
+        UnsupportedModelError: listing the supported families and how to add one.
+    """
+    _load_builtin_and_plugin_entries()
+    for entry in _REGISTRY.values():
+        if entry.matches(model):
+            return entry
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise UnsupportedModelError(
+        f"STTS does not support {type(model).__name__} (model_type={model_type!r}). Supported architectures: "
+        f"{', '.join(supported_architectures())}. To add one, subclass stts_adapter.registry.ArchitectureEntry and "
+        "register it with stts_adapter.register_architecture (see 'Adding an architecture' in the README)."
+    )

@@ -1,0 +1,135 @@
+"""One forward of the ViT with pruning: scores at block k, key bias in block k+1, pruning after it.
+
+The state of a call lives in a `VisionPruningPass` that is active only inside `with pass_.active():`. It is held in a
+context variable, never on a module, so concurrent calls (threads) on one model cannot see each other's state and a
+model used outside a pass (e.g. `disable_stts`, or images) is exactly the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .losses import temporal_aux_loss
+from .registry import KEY_BIAS_KWARG, ArchitectureEntry
+from .scorer import STTSScorer, soft_key_bias
+from .selection import VideoLayout, random_scores, select_units, similarity_scores
+
+_ACTIVE_PASS: ContextVar[VisionPruningPass | None] = ContextVar("stts_active_pass", default=None)
+
+
+def active_pass() -> VisionPruningPass | None:
+    """The pass running in this thread / context, if any."""
+    return _ACTIVE_PASS.get()
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    """The config values one call uses, read once at its start (so a concurrent `set_prune_ratio` cannot change
+    a call half-way)."""
+
+    prune_ratio: float
+    prune_layer: int
+    method: str
+    bias_min: float
+    keep_first_frame: bool
+    detach_aux_target: bool
+    seed: int
+    training: bool
+
+
+class VisionPruningPass:
+    """Everything one ViT forward needs to prune a batch of videos, and what it found.
+
+    Args:
+        entry (`ArchitectureEntry`): the model family.
+        settings (`PruningSettings`): the config values of this call.
+        scorer (`STTSScorer`, *optional*): required for the "scorer" method.
+        layout (`VideoLayout`): the batch's videos.
+        tokens: the family's token bookkeeping (e.g. `packing.VarlenTokens`).
+
+    Attributes set while the ViT runs:
+        scores (`(num_units,)`), keep (`(num_units,)` bool), aux_loss (scalar or None), pruned (family state).
+    """
+
+    def __init__(
+        self,
+        entry: ArchitectureEntry,
+        settings: PruningSettings,
+        scorer: STTSScorer | None,
+        layout: VideoLayout,
+        tokens: Any,
+    ) -> None:
+        self.entry, self.settings, self.scorer, self.layout, self.tokens = entry, settings, scorer, layout, tokens
+        self.scores: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+        self.token_bias: torch.Tensor | None = None
+        self.pruned: Any = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[VisionPruningPass]:
+        token = _ACTIVE_PASS.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE_PASS.reset(token)
+
+    # -------------------------------------------------------------------------------------------- block dispatch
+    def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Run ViT block `index` (`block` is the original module) as its role in the method requires."""
+        k = self.settings.prune_layer
+        if index < k:
+            return block(*args, **kwargs)
+        if index == k:
+            output = block(*args, **kwargs)
+            self._score(_hidden_states(output))
+            return output
+        if index == k + 1:
+            if self.token_bias is not None:
+                kwargs = {**kwargs, KEY_BIAS_KWARG: self.token_bias}
+            output = block(*args, **kwargs)
+            hidden_states, self.pruned = self.entry.prune_tokens(self.tokens, self.keep, output, kwargs)
+            return hidden_states
+        if self.pruned is None:
+            raise RuntimeError(f"ViT block {index} ran before block {k + 1}; STTS needs the blocks in order.")
+        args, kwargs = self.entry.pruned_block_inputs(index, args, kwargs, self.pruned)
+        return block(*args, **kwargs)
+
+    def run_connector(self, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.pruned is None:  # prune_layer + 1 is the last block: prune right before the connector
+            raise RuntimeError("The connector ran before the pruning block; check STTSConfig.prune_layer.")
+        return self.entry.run_connector(connector, args, kwargs, self.pruned)
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def _score(self, hidden_states: torch.Tensor) -> None:
+        settings, layout = self.settings, self.layout
+        unit_patches = hidden_states.reshape(-1, hidden_states.shape[-1])[self.tokens.unit_token_index()]
+        previous_unit = layout.previous_unit.to(unit_patches.device)
+        if settings.method == "scorer":
+            scores = self.scorer(unit_patches, previous_unit)
+            self.aux_loss = temporal_aux_loss(scores, unit_patches, previous_unit, settings.detach_aux_target)
+            unit_bias = soft_key_bias(
+                scores,
+                layout.frame_of_unit.to(scores.device),
+                layout.is_first_frame.to(scores.device),
+                settings.bias_min,
+            )
+            self.token_bias = self.tokens.per_token(unit_bias)
+        elif settings.method == "similarity":
+            scores = similarity_scores(unit_patches.detach(), layout)
+        else:
+            seed = None if settings.training else settings.seed
+            scores = random_scores(layout, seed, device=unit_patches.device)
+        self.scores = scores
+        self.keep = select_units(scores, layout, settings.prune_ratio, settings.keep_first_frame)
+
+
+def _hidden_states(block_output: Any) -> torch.Tensor:
+    return block_output[0] if isinstance(block_output, tuple) else block_output

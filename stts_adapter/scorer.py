@@ -1,0 +1,116 @@
+"""The STTS scorer: one score in (0, 1) per pruning unit, from the unit and the same unit one frame earlier."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class UnitAttentionPool(nn.Module):
+    """Pools a unit's patches into one vector: multi-head attention whose query is the mean of the patches.
+
+    Args:
+        dim (`int`): patch feature size.
+        num_heads (`int`): attention heads (must divide `dim`).
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, unit_patches: torch.Tensor) -> torch.Tensor:
+        """(num_units, patches_per_unit, dim) -> (num_units, dim)."""
+        query = unit_patches.mean(dim=1, keepdim=True)
+        pooled, _ = self.attention(query, unit_patches, unit_patches, need_weights=False)
+        return pooled.squeeze(1)
+
+
+class STTSScorer(nn.Module):
+    """Scores every unit of a batch of videos.
+
+    Each unit is pooled to a vector, concatenated with the pooled vector of the same unit in the previous frame of
+    the same video (zeros on first frames) as [previous, current], and mapped by an MLP (2D -> H -> H -> 1, SiLU)
+    and a sigmoid to a score. High = keep.
+
+    Args:
+        input_size (`int`): the ViT's hidden size D.
+        hidden_size (`int`): the MLP width H.
+        num_heads (`int`): heads of the attention pooling.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if input_size % num_heads:
+            raise ValueError(
+                f"The scorer's attention pooling needs num_heads ({num_heads}) to divide the ViT hidden size "
+                f"({input_size}); set STTSConfig.scorer_num_heads to a divisor."
+            )
+        self.input_size, self.hidden_size, self.num_heads = input_size, hidden_size, num_heads
+        self.pool = UnitAttentionPool(input_size, num_heads)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * input_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, 1),
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal weights with std sqrt(1 / fan_in), zero biases (the paper's init)."""
+        attention = self.pool.attention
+        weights = [attention.in_proj_weight, attention.out_proj.weight]
+        weights += [m.weight for m in self.mlp if isinstance(m, nn.Linear)]
+        for weight in weights:
+            std = math.sqrt(1.0 / weight.shape[1])
+            nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+        for name, parameter in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(parameter)
+
+    def forward(self, unit_patches: torch.Tensor, previous_unit: torch.Tensor) -> torch.Tensor:
+        """Score the units.
+
+        Args:
+            unit_patches (`torch.Tensor` of shape `(num_units, patches_per_unit, input_size)`): features of every
+                unit's patches at the scored block's output, in the flat video layout.
+            previous_unit (`torch.Tensor` of shape `(num_units,)`): index of the same unit one frame earlier in the
+                same video, -1 on first frames.
+
+        Returns:
+            `torch.Tensor` of shape `(num_units,)`: scores in (0, 1), in the scorer's dtype.
+        """
+        dtype = self.mlp[0].weight.dtype
+        current = self.pool(unit_patches.to(dtype))  # (U, D)
+        has_previous = (previous_unit >= 0).unsqueeze(-1)
+        previous = torch.where(has_previous, current[previous_unit.clamp(min=0)], torch.zeros_like(current))
+        logits = self.mlp(torch.cat([previous, current], dim=-1)).squeeze(-1)
+        return torch.sigmoid(logits)
+
+
+def soft_key_bias(scores: torch.Tensor, frame_of_unit: torch.Tensor, is_first_frame: torch.Tensor, bias_min: float):
+    """log(s'), where s' is the score rescaled per frame to [bias_min, 1]: the best unit of a frame gets 0, the worst
+    log(bias_min). First frames, and frames whose units all score the same, get 0.
+
+    The bias keeps its gradient: this is how the LM loss reaches the scorer.
+
+    Args:
+        scores (`torch.Tensor` of shape `(num_units,)`): sigmoid scores.
+        frame_of_unit (`torch.Tensor` of shape `(num_units,)`): global frame index of each unit.
+        is_first_frame (`torch.Tensor` of shape `(num_units,)`, bool).
+        bias_min (`float`): in (0, 1].
+
+    Returns:
+        `torch.Tensor` of shape `(num_units,)`, float32, <= 0.
+    """
+    scores = scores.float()
+    num_frames = int(frame_of_unit.max()) + 1
+    lowest = scores.new_full((num_frames,), float("inf")).scatter_reduce(0, frame_of_unit, scores, "amin")
+    highest = scores.new_full((num_frames,), float("-inf")).scatter_reduce(0, frame_of_unit, scores, "amax")
+    low, span = lowest[frame_of_unit], (highest - lowest)[frame_of_unit]
+    flat = (span <= 1e-6) | is_first_frame
+    rescaled = bias_min + (1.0 - bias_min) * (scores - low) / torch.where(flat, torch.ones_like(span), span)
+    return torch.where(flat, torch.zeros_like(scores), torch.log(rescaled))
