@@ -111,15 +111,31 @@ class STTSConfig:
         Raises:
             STTSConfigError: naming the field, the value and what is allowed.
         """
-        _check(_is_number(self.prune_ratio) and 0 <= self.prune_ratio < 1, "prune_ratio", self.prune_ratio,
-               "a number with 0 <= prune_ratio < 1 (the fraction of each video's units removed)")
-        _check(_is_int(self.prune_layer) and self.prune_layer >= 0, "prune_layer", self.prune_layer,
-               "an integer >= 0 (a 0-based ViT block index)")
+        _check(
+            _is_number(self.prune_ratio) and 0 <= self.prune_ratio < 1,
+            "prune_ratio",
+            self.prune_ratio,
+            "a number with 0 <= prune_ratio < 1 (the fraction of each video's units removed)",
+        )
+        _check(
+            _is_int(self.prune_layer) and self.prune_layer >= 0,
+            "prune_layer",
+            self.prune_layer,
+            "an integer >= 0 (a 0-based ViT block index)",
+        )
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
-        _check(_is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0, "aux_loss_weight",
-               self.aux_loss_weight, "a number >= 0")
-        _check(_is_number(self.bias_min) and 0 < self.bias_min <= 1, "bias_min", self.bias_min,
-               "a number with 0 < bias_min <= 1")
+        _check(
+            _is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0,
+            "aux_loss_weight",
+            self.aux_loss_weight,
+            "a number >= 0",
+        )
+        _check(
+            _is_number(self.bias_min) and 0 < self.bias_min <= 1,
+            "bias_min",
+            self.bias_min,
+            "a number with 0 < bias_min <= 1",
+        )
         for name in ("keep_first_frame", "detach_aux_target", "train_base_model"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("scorer_hidden_size", "scorer_num_heads"):

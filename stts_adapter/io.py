@@ -142,7 +142,9 @@ def model_card(config: STTSConfig) -> str:
         f"| `{name}` | `{getattr(config, name)!r}` |"
         for name in ("method", "prune_ratio", "prune_layer", "aux_loss_weight", "keep_first_frame", "bias_min")
     )
-    return "\n".join(front_matter) + f"""
+    return (
+        "\n".join(front_matter)
+        + f"""
 
 # STTS adapter for {base_name}
 
@@ -175,6 +177,7 @@ model.set_prune_ratio({config.prune_ratio})  # optional: a runtime knob
 - torch {torch.__version__}
 - Python {platform.python_version()}
 """
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- checks

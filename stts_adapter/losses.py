@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
-def previous_frame_change(
-    unit_patches: torch.Tensor, previous_unit: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def previous_frame_change(unit_patches: torch.Tensor, previous_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1 - cosine between each unit and the same unit in the previous frame of its video.
 
     A unit is represented by its concatenated, L2-normalised patch vectors. Blank (all-zero) patches normalise to
-    zero vectors and give a cosine of 0, never NaN.
+    zero vectors and give a cosine of 0, never NaN; huge values do not overflow.
 
     Args:
         unit_patches (`torch.Tensor` of shape `(num_units, patches_per_unit, dim)`): unit features.
@@ -22,7 +20,11 @@ def previous_frame_change(
         change (`torch.Tensor` of shape `(num_units,)`, float32): 1 - cosine, 1 where there is no predecessor.
         has_previous (`torch.Tensor` of shape `(num_units,)`, bool): False on first frames.
     """
-    units = F.normalize(unit_patches.float(), dim=-1, eps=1e-6).flatten(1)  # (U, P * D)
+    patches = unit_patches.float()
+    # The float32 norm of vectors with entries >= ~1e19 overflows to inf: scale those down first. Normalising is
+    # scale-invariant, so a detached scale changes neither the value nor the gradient.
+    patches = patches / patches.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    units = F.normalize(patches, dim=-1, eps=1e-6).flatten(1)  # (U, P * D)
     has_previous = previous_unit >= 0
     previous = units[previous_unit.clamp(min=0)]
     cosine = F.cosine_similarity(units, previous, dim=-1, eps=1e-6)

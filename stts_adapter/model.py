@@ -19,7 +19,7 @@ from .registry import ArchitectureEntry, VisionSpec, find_architecture, get_arch
 from .report import STTSReport
 from .runtime import PruningSettings, VisionPruningPass
 from .scorer import STTSScorer
-from .sequence import plan_sequence_pruning
+from .sequence import pad_token_id, plan_sequence_pruning
 
 # Models whose STTS is switched off in the current context (thread / task) by `disable_stts`.
 _DISABLED: ContextVar[frozenset[int]] = ContextVar("stts_disabled_models", default=frozenset())
@@ -177,7 +177,7 @@ class STTSModel(nn.Module):
         if not self._prunes(kwargs):
             return self.base_model.generate(**kwargs)
         prompt = kwargs["input_ids"]
-        model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
+        model_inputs, _ = self._prune_inputs(kwargs, default_padding_side="left")
         pruned_length = model_inputs["input_ids"].shape[1]
         output = self.base_model.generate(**model_inputs)
         return _restore_prompt(output, prompt, pruned_length)
@@ -209,8 +209,7 @@ class STTSModel(nn.Module):
 
         sequence = plan_sequence_pruning(placeholder_mask, keep, inputs.get("attention_mask"), default_padding_side)
         model_inputs = {k: v for k, v in inputs.items() if k not in entry.video_inputs}
-        pad_token_id = getattr(model.config, "pad_token_id", None) or 0
-        for name, pad_value in (("input_ids", pad_token_id), ("labels", -100), ("mm_token_type_ids", 0)):
+        for name, pad_value in (("input_ids", pad_token_id(model.config)), ("labels", -100), ("mm_token_type_ids", 0)):
             if model_inputs.get(name) is not None:
                 model_inputs[name] = sequence.prune(model_inputs[name], pad_value)
         model_inputs["attention_mask"] = sequence.attention_mask
@@ -268,7 +267,9 @@ class STTSModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print the trainable parameter count, as PEFT does."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------------------------------ save and load
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

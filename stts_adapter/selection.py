@@ -77,7 +77,7 @@ class VideoLayout:
     @cached_property
     def video_offsets(self) -> tuple[int, ...]:
         """Start of each video's units in the flat layout, plus the total at the end."""
-        return tuple(int(x) for x in torch.tensor((0,) + self.units_per_video).cumsum(0))
+        return tuple(int(x) for x in torch.tensor((0, *self.units_per_video)).cumsum(0))
 
     def split(self, per_unit: torch.Tensor) -> list[torch.Tensor]:
         """Split a `(num_units, ...)` tensor into one `(frames, units_per_frame, ...)` tensor per video."""
@@ -104,7 +104,7 @@ def pruned_unit_counts(layout: VideoLayout, prune_ratio: float, keep_first_frame
     for n_units, per_frame in zip(layout.units_per_video, layout.units_per_frame):
         # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
         budget = math.floor(prune_ratio * n_units + 1e-9)
-        prunable = n_units - per_frame if keep_first_frame else n_units
+        prunable = n_units - per_frame if keep_first_frame else n_units - 1  # a video never loses everything
         counts.append(max(0, min(budget, prunable)))
     return counts
 
@@ -126,17 +126,17 @@ def select_units(
         `torch.Tensor` of shape `(num_units,)`, bool: the keep mask.
     """
     scores = scores.detach().float()
-    protected = layout.is_first_frame.to(scores.device) if keep_first_frame else None
+    prunable = (
+        ~layout.is_first_frame.to(scores.device) if keep_first_frame else torch.ones_like(scores, dtype=torch.bool)
+    )
     keep = torch.ones(layout.num_units, dtype=torch.bool, device=scores.device)
     counts = pruned_unit_counts(layout, prune_ratio, keep_first_frame)
     for start, end, n_pruned in zip(layout.video_offsets[:-1], layout.video_offsets[1:], counts):
         if n_pruned == 0:
             continue
-        video_scores = scores[start:end]
-        if protected is not None:
-            video_scores = video_scores.masked_fill(protected[start:end], math.inf)
-        order = torch.sort(video_scores, stable=True).indices
-        keep[start + order[:n_pruned]] = False
+        candidates = start + torch.nonzero(prunable[start:end]).squeeze(1)  # protected units are never candidates
+        order = torch.sort(scores[candidates], stable=True).indices
+        keep[candidates[order[:n_pruned]]] = False
     return keep
 
 

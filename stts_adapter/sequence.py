@@ -15,8 +15,16 @@ import torch
 from .errors import STTSInputError
 
 
+def pad_token_id(config) -> int:
+    """The pad token id of a (possibly composite) model config; 0 if it has none."""
+    for candidate in (config, getattr(config, "text_config", None)):
+        if getattr(candidate, "pad_token_id", None) is not None:
+            return candidate.pad_token_id
+    return 0
+
+
 def infer_padding_side(attention_mask: torch.Tensor | None) -> str | None:
-    """"left" or "right" if the batch is padded on that side, None if it holds no padding."""
+    """ "left" or "right" if the batch is padded on that side, None if it holds no padding."""
     if attention_mask is None or bool(attention_mask.bool().all()):
         return None
     return "left" if bool((attention_mask[:, 0] == 0).any()) else "right"

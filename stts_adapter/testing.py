@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .sequence import pad_token_id
+
 # Special token ids of the tiny configs: inside the vocabulary, above every "word" id.
 VOCAB_SIZE = 1000
 PAD, BOS, EOS = 0, 1, 2
@@ -42,13 +44,40 @@ def tiny_qwen2_5_vl_config(**vision_overrides: Any):
     return Qwen2_5_VLConfig(vision_config=vision, text_config=_tiny_text_config(), **_special_tokens())
 
 
+def small_qwen2_5_vl_config(
+    vision_depth: int = 12, vision_width: int = 256, text_layers: int = 8, text_width: int = 512
+):
+    """A benchmark-size Qwen2.5-VL config (random init): big enough that ViT and LLM costs look like a real model's
+    proportions on CPU, small enough to train for a few dozen steps in a minute.
+
+    Args:
+        vision_depth, vision_width (`int`): ViT blocks and width (4 heads, MLP 2x width).
+        text_layers, text_width (`int`): LLM layers and width (MLP 2x width).
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_heads=4,
+        out_hidden_size=text_width,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=list(range(vision_depth // 4 - 1, vision_depth, vision_depth // 4)),
+        tokens_per_second=2,
+    )
+    text = _tiny_text_config(text_width, text_layers, 2 * text_width)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_special_tokens())
+
+
 def tiny_qwen2_vl_config(**vision_overrides: Any):
     """A Qwen2-VL config with a 4-block, 64-wide ViT and a 2-layer, 64-wide LLM."""
     from transformers import Qwen2VLConfig
 
-    vision = dict(
-        depth=4, embed_dim=64, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14, spatial_merge_size=2
-    )
+    vision = dict(depth=4, embed_dim=64, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14, spatial_merge_size=2)
     vision.update(vision_overrides)
     return Qwen2VLConfig(vision_config=vision, text_config=_tiny_text_config(), **_special_tokens())
 
@@ -175,6 +204,8 @@ def build_qwen_batch(config, samples: list[Sample], padding_side: str = "left") 
         `dict`: the model's keyword arguments.
     """
     merge = config.vision_config.spatial_merge_size
+    image_token, video_token = config.image_token_id, config.video_token_id
+    start, end, pad_id = config.vision_start_token_id, config.vision_end_token_id, pad_token_id(config)
     rows, label_rows, videos, grids, images, image_grids = [], [], [], [], [], []
     for sample in samples:
         ids = list(sample.prefix)
@@ -182,12 +213,12 @@ def build_qwen_batch(config, samples: list[Sample], padding_side: str = "left") 
             pixels, grid = qwen_patchify(sample.image[None], config)
             images.append(pixels)
             image_grids.append(grid)
-            ids += [VISION_START] + [IMAGE_TOKEN] * int(grid.prod() // merge**2) + [VISION_END]
+            ids += [start] + [image_token] * int(grid.prod() // merge**2) + [end]
         if sample.video is not None:
             pixels, grid = qwen_patchify(sample.video, config)
             videos.append(pixels)
             grids.append(grid)
-            ids += [VISION_START] + [VIDEO_TOKEN] * int(grid.prod() // merge**2) + [VISION_END]
+            ids += [start] + [video_token] * int(grid.prod() // merge**2) + [end]
         ids += list(sample.suffix)
         labels = [-100] * len(ids)
         if sample.answer is not None:
@@ -202,11 +233,11 @@ def build_qwen_batch(config, samples: list[Sample], padding_side: str = "left") 
         filler = [value] * (length - len(row))
         return filler + row if padding_side == "left" else row + filler
 
-    input_ids = torch.tensor([pad(r, PAD) for r in rows])
+    input_ids = torch.tensor([pad(r, pad_id) for r in rows])
     batch = {
         "input_ids": input_ids,
         "attention_mask": torch.tensor([pad([1] * len(r), 0) for r in rows]),
-        "mm_token_type_ids": (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int(),
+        "mm_token_type_ids": (input_ids == image_token).int() + 2 * (input_ids == video_token).int(),
     }
     if videos:
         batch["pixel_values_videos"] = torch.cat(videos)

@@ -101,7 +101,10 @@ def test_key_bias_attention_with_zero_bias_equals_the_model_attention(load, fami
         )
     expected = attention(hidden, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings)
     biased = entry.attention_with_key_bias(
-        attention, hidden, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings,
+        attention,
+        hidden,
+        cu_seqlens=cu_seqlens,
+        position_embeddings=position_embeddings,
         key_bias=torch.zeros(hidden.shape[0]),
     )
     torch.testing.assert_close(biased, expected, atol=1e-5, rtol=1e-5)
@@ -197,14 +200,16 @@ def test_kept_tokens_keep_their_original_positions_and_padding_side(load, paddin
     model = load()
     batch = two_video_batch(model, padding_side=padding_side)
     unpruned, _ = model.model.get_rope_index(
-        batch["input_ids"], batch["mm_token_type_ids"], None, batch["video_grid_thw"],
-        batch["second_per_grid_ts"], batch["attention_mask"],
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        None,
+        batch["video_grid_thw"],
+        batch["second_per_grid_ts"],
+        batch["attention_mask"],
     )
     seen = {}
     language_model = model.model.language_model
-    handle = language_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True
-    )
+    handle = language_model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
     out = stts(**batch)
     handle.remove()
@@ -276,9 +281,7 @@ def test_generate_with_return_dict_and_several_sequences(load):
     model = load()
     stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
     batch = two_video_batch(model)
-    out = stts.generate(
-        **batch, max_new_tokens=3, do_sample=True, num_return_sequences=2, return_dict_in_generate=True
-    )
+    out = stts.generate(**batch, max_new_tokens=3, do_sample=True, num_return_sequences=2, return_dict_in_generate=True)
     prompt = batch["input_ids"].repeat_interleave(2, 0)
     assert out.sequences.shape == (4, batch["input_ids"].shape[1] + 3)
     assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt)
@@ -403,7 +406,9 @@ def test_wrapped_model_checkpoint_loads_into_a_bare_model(load, tmp_path):
         model.model.visual.blocks[3].base_layer.mlp.up_proj.weight.add_(1.0)
     model.save_pretrained(tmp_path)
     fresh = type(model).from_pretrained(tmp_path)
-    assert torch.equal(fresh.model.visual.blocks[3].mlp.up_proj.weight, stts.unload().model.visual.blocks[3].mlp.up_proj.weight)
+    assert torch.equal(
+        fresh.model.visual.blocks[3].mlp.up_proj.weight, stts.unload().model.visual.blocks[3].mlp.up_proj.weight
+    )
 
 
 def test_report_contents(load):
