@@ -196,7 +196,10 @@ class STTSConfig:
                 f"{path} is not a valid STTS config (not valid JSON: {exc}). Re-save the adapter with "
                 "STTSModel.save_pretrained or fix the file."
             ) from exc
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (STTSConfigError, TypeError) as exc:
+            raise AdapterLoadError(f"{path} is not a valid STTS config: {exc}") from exc
 
 
 def _is_number(value: Any) -> bool:

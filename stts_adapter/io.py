@@ -80,6 +80,8 @@ def load_adapter(
     _check_tensors(tensors, expected_shapes, weights_path)
 
     stts_model = model_class(model, config)
+    if config.base_model_name_or_path:  # keep the id the adapter was trained on, not a local path it was loaded from
+        stts_model.stts_config.base_model_name_or_path = config.base_model_name_or_path
     if stts_model.scorer is not None:
         scorer_state = {k[len(SCORER_PREFIX) :]: v for k, v in tensors.items()}
         stts_model.scorer.load_state_dict(scorer_state, strict=True)
@@ -106,7 +108,7 @@ def push_adapter_to_hub(
         private (`bool`, *optional*): visibility of a newly created repo.
         token (`str` or `bool`, *optional*): Hub token.
         commit_message (`str`): the commit message.
-        revision (`str`, *optional*): branch to push to.
+        revision (`str`, *optional*): branch to push to (created if it does not exist).
         create_pr (`bool`): open a pull request instead of committing to the branch.
 
     Returns:
@@ -114,6 +116,8 @@ def push_adapter_to_hub(
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)  # as transformers' push_to_hub does
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         return api.upload_folder(
@@ -137,7 +141,7 @@ def model_card(config: STTSConfig) -> str:
     if on_hub:
         front_matter.append(f"base_model: {base}")
     front_matter += ["tags:", "- stts", "- token-pruning", "- video", f"- {config.architecture}", "---"]
-    base_name = base or config.base_model_class
+    base_name = base or "<base model id or path>"
     rows = "\n".join(
         f"| `{name}` | `{getattr(config, name)!r}` |"
         for name in ("method", "prune_ratio", "prune_layer", "aux_loss_weight", "keep_first_frame", "bias_min")
@@ -146,7 +150,7 @@ def model_card(config: STTSConfig) -> str:
         "\n".join(front_matter)
         + f"""
 
-# STTS adapter for {base_name}
+# STTS adapter for {base or config.base_model_class}
 
 A Spatio-Temporal Token Scoring (STTS) scorer for `{config.base_model_class}` ({config.architecture}). It scores
 every video unit after ViT block {config.prune_layer} and drops the lowest-scoring {config.prune_ratio:.0%} of each

@@ -218,8 +218,10 @@ def test_non_json_file_raises_adapter_load_error(tmp_path, content):
     assert str(path) in str(info.value)
 
 
-def test_valid_json_with_invalid_value_raises_config_error(tmp_path):
+def test_valid_json_with_invalid_value_raises_a_load_error_naming_file_and_field(tmp_path):
     path = tmp_path / CONFIG_NAME
     path.write_text(json.dumps({"method": "tome"}), encoding="utf-8")
-    with pytest.raises(STTSConfigError, match="tome"):
+    with pytest.raises(AdapterLoadError, match="tome") as raised:
         STTSConfig.from_json_file(path)
+    assert str(path) in str(raised.value) and "method" in str(raised.value)
+    assert isinstance(raised.value.__cause__, STTSConfigError)
