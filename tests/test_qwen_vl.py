@@ -11,7 +11,7 @@ import torch
 
 from stts_adapter import STTSConfig, STTSModel, apply_stts
 from stts_adapter.layers import BaseLayerWrapper
-from stts_adapter.testing import VIDEO_TOKEN, Sample, build_qwen_batch, moving_square_video
+from stts_adapter.testing import IMAGE_TOKEN, VIDEO_TOKEN, Sample, build_qwen_batch, moving_square_video
 
 FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
 PRUNE_LAYER = 1  # block 1 scored, block 2 biased, blocks 3.. pruned (Qwen2.5: block 2 and 3 windowed, 4 full)
@@ -453,3 +453,40 @@ def test_positional_input_ids_and_passthrough_attributes(load):
     assert stts.config is model.config
     assert stts.get_input_embeddings() is model.get_input_embeddings()
     assert isinstance(stts, STTSModel)
+
+
+# --------------------------------------------------------------------------------------------- images
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_are_never_pruned_in_a_mixed_batch(load, family):
+    model = load(family)
+    image = moving_square_video(1, 56, 84, color=(0.2, 0.2, 0.9), seed=5)[0]
+    samples = [
+        Sample(video=moving_square_video(8, 112, 112, seed=0), image=image),
+        Sample(video=moving_square_video(4, 84, 112, seed=1)),
+    ]
+    batch = build_qwen_batch(model.config, samples, padding_side="right")
+    bare = model(**batch)
+    real = batch["attention_mask"].bool()
+
+    # Oracle: the pruning path with nothing pruned reproduces the bare model, images included.
+    nothing = apply_stts(model, STTSConfig(prune_ratio=0.0, prune_layer=PRUNE_LAYER, method="similarity"))
+    torch.testing.assert_close(nothing(**batch).logits[real], bare.logits[real], atol=1e-5, rtol=1e-5)
+    nothing.unload()
+
+    stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
+    out = stts(**batch)
+    pruned_ids = out.stts.prune_like(batch["input_ids"], -1)
+    assert int((pruned_ids == IMAGE_TOKEN).sum()) == int((batch["input_ids"] == IMAGE_TOKEN).sum())
+    assert int((pruned_ids == VIDEO_TOKEN).sum()) == sum(out.stts.units_after) < sum(out.stts.units_before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_only_batch_is_the_base_model_exactly(load, family):
+    model = load(family)
+    image = moving_square_video(1, 56, 84, seed=5)[0]
+    batch = build_qwen_batch(model.config, [Sample(image=image), Sample(image=image, prefix=[1, 9])])
+    bare = model(**batch)
+    stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
+    out = stts(**batch)
+    assert torch.equal(out.logits, bare.logits)
+    assert not hasattr(out, "stts")
