@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 from .config import STTSConfig
 from .errors import STTSConfigError, STTSInputError
 from .layers import BaseLayerWrapper, STTSBlock, STTSConnector, STTSKeyBiasAttention
-from .registry import ArchitectureEntry, VisionSpec, find_architecture, get_architecture
+from .registry import ArchitectureEntry, VisionSpec, find_architecture
 from .report import STTSReport
 from .runtime import PruningSettings, VisionPruningPass
 from .scorer import STTSScorer
@@ -87,7 +87,7 @@ class STTSModel(nn.Module):
         if scorer is not None:
             scorer.train(model.training)
         self.stts_config = config
-        self._entry_name = entry.name
+        self._entry = entry
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
@@ -105,8 +105,8 @@ class STTSModel(nn.Module):
 
     @property
     def architecture(self) -> ArchitectureEntry:
-        """The registry entry of the base model's family."""
-        return get_architecture(self._entry_name)
+        """The registry entry of the base model's family (the one the model was wrapped with)."""
+        return self._entry
 
     @property
     def transformers_model(self) -> nn.Module:
