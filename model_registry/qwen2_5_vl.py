@@ -16,19 +16,22 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from stts_adapter.packing import PrunedVarlen, VarlenTokens, segment_ids, varlen_attention
-from stts_adapter.registry import ArchitectureEntry, VisionSpec, register_architecture
+from stts_adapter.packing import VarlenTokens, segment_ids, varlen_attention
+from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.runtime import VisionPruningPass
 from stts_adapter.selection import VideoLayout
+from stts_adapter.vit import VarlenViTEntry
 
 
 @register_architecture
-class Qwen2VLEntry(ArchitectureEntry):
+class Qwen2VLEntry(VarlenViTEntry):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     vision_blocks = "model.visual.blocks"
     connector = "model.visual.merger"
     block_attention = "attn"
     video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    image_inputs = ("image_grid_thw",)
     windowed = False
 
     def vision_spec(self, model: nn.Module) -> VisionSpec:
@@ -68,14 +71,14 @@ class Qwen2VLEntry(ArchitectureEntry):
         )
         return VarlenTokens(
             token_unit=token_unit.to(device),
+            num_units=layout.num_units,
             segments={kind: ids.to(device) for kind, ids in segments.items()},
-            patches_per_unit=layout.patches_per_unit,
             block_segments=block_segments,
         )
 
-    def encode_videos(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], vision_pass: Any) -> list[torch.Tensor]:
         output = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
-        return torch.cat(output.pooler_output)
+        return list(output.pooler_output)
 
     def attention_with_key_bias(
         self,
@@ -95,31 +98,14 @@ class Qwen2VLEntry(ArchitectureEntry):
         output = varlen_attention(query, key, value, cu_seqlens, key_bias=key_bias, scale=attention.scaling)
         return attention.proj(output.reshape(length, -1))
 
-    def prune_tokens(
-        self, tokens: VarlenTokens, keep_units: torch.Tensor, block_output: torch.Tensor, block_kwargs: dict
-    ) -> tuple[torch.Tensor, PrunedVarlen]:
-        pruned = tokens.prune(keep_units)
-        kept = pruned.kept_tokens
-        pruned.extras["position_embeddings"] = tuple(table[kept] for table in block_kwargs["position_embeddings"])
-        pruned.extras["kept_unit_slots"] = kept[:: tokens.patches_per_unit] // tokens.patches_per_unit
-        pruned.extras["num_units"] = keep_units.numel()
-        return block_output[kept], pruned
-
-    def pruned_block_inputs(
-        self, block_index: int, args: tuple, kwargs: dict, pruned: PrunedVarlen
-    ) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        kwargs["cu_seqlens"] = pruned.block_cu_seqlens(block_index)
-        kwargs["position_embeddings"] = pruned.extras["position_embeddings"]
-        if kwargs.get("max_seqlen") is not None:  # only flash attention asks for it
-            kwargs["max_seqlen"] = pruned.block_max_seqlen(block_index)
-        return args, kwargs
-
-    def run_connector(self, connector: nn.Module, args: tuple, kwargs: dict, pruned: PrunedVarlen) -> torch.Tensor:
-        merged = connector(*args, **kwargs)  # (kept_units, D) in ViT order
-        # The model reorders the merger output by unit afterwards, so hand back every unit slot (pruned ones zero).
-        slots = merged.new_zeros(pruned.extras["num_units"], merged.shape[-1])
-        return slots.index_copy(0, pruned.extras["kept_unit_slots"], merged)
+    def run_connector(
+        self, vision_pass: VisionPruningPass, connector: nn.Module, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        merged = connector(*args, **kwargs)  # (kept_units, D), units in ViT (window) order
+        # The model reorders the merger's output by unit afterwards: hand back every unit slot (pruned ones zero).
+        unit_of_slot = vision_pass.tokens.token_unit[:: vision_pass.layout.patches_per_unit]
+        kept_slots = torch.nonzero(vision_pass.keep[unit_of_slot]).squeeze(1)
+        return merged.new_zeros(len(unit_of_slot), merged.shape[-1]).index_copy(0, kept_slots, merged)
 
     # ------------------------------------------------------------------------------------------------ the LLM
     def original_positions(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

@@ -193,21 +193,31 @@ class STTSModel(nn.Module):
             )
         layout = entry.video_layout(model, inputs)
         placeholder_mask = entry.placeholder_mask(model, input_ids)
-        if int(placeholder_mask.sum()) != layout.num_units:
+        expected = sum(len(k) for k in entry.video_placeholder_keep(layout, torch.ones(layout.num_units, dtype=bool)))
+        if int(placeholder_mask.sum()) != expected:
             raise STTSInputError(
-                f"The batch holds {int(placeholder_mask.sum())} video placeholder tokens but its videos have "
-                f"{layout.num_units} units ({list(layout.units_per_video)} per video); build the batch with the "
-                "model's processor so each unit has exactly one placeholder."
+                f"The batch holds {int(placeholder_mask.sum())} video placeholder tokens but its videos need "
+                f"{expected} ({list(layout.units_per_video)} units per video); build the batch with the model's "
+                "processor so that every video has its placeholders."
             )
         vision_pass = VisionPruningPass(
-            entry, self._settings(), self.scorer, layout, entry.vision_tokens(model, inputs, layout)
+            entry,
+            self._settings(),
+            self.scorer,
+            layout,
+            entry.vision_tokens(model, inputs, layout),
+            capture_blocks=entry.capture_blocks(model),
+            last_block=entry.last_block(model),
         )
         with vision_pass.active():
-            features = entry.encode_videos(model, inputs)  # (num_units, llm_hidden)
+            features = entry.encode_videos(model, inputs, vision_pass)  # per video: (placeholders, llm_hidden)
         keep = vision_pass.keep
+        placeholder_keep = entry.video_placeholder_keep(layout, keep)
         positions = entry.original_positions(model, inputs)
 
-        sequence = plan_sequence_pruning(placeholder_mask, keep, inputs.get("attention_mask"), default_padding_side)
+        sequence = plan_sequence_pruning(
+            placeholder_mask, torch.cat(placeholder_keep), inputs.get("attention_mask"), default_padding_side
+        )
         model_inputs = {k: v for k, v in inputs.items() if k not in entry.video_inputs}
         for name, pad_value in (("input_ids", pad_token_id(model.config)), ("labels", -100), ("mm_token_type_ids", 0)):
             if model_inputs.get(name) is not None:
@@ -215,9 +225,9 @@ class STTSModel(nn.Module):
         model_inputs["attention_mask"] = sequence.attention_mask
         model_inputs["position_ids"] = sequence.prune(positions, 0)
 
-        units = list(layout.units_per_video)
-        kept_features = [f[k] for f, k in zip(features.split(units), keep.split(units))]
+        kept_features = [f[k.to(f.device)] for f, k in zip(features, placeholder_keep)]
         model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
+        units = list(layout.units_per_video)
         report = STTSReport(
             units_before=units,
             units_after=[int(k.sum()) for k in keep.split(units)],
@@ -342,7 +352,7 @@ def _check_prune_layer(config: STTSConfig, spec: VisionSpec) -> None:
 
 
 def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: int) -> list:
-    """Wrap blocks prune_layer.., the attention of block prune_layer + 1 and the connector.
+    """Wrap every ViT block, the attention of block prune_layer + 1 and the connector (where the family has them).
 
     Returns:
         `[(parent, attribute, wrapper), ...]` in injection order, for `unload`.
@@ -355,11 +365,12 @@ def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: in
 
     try:
         blocks = entry.get_vision_blocks(model)
-        for index in range(prune_layer, len(blocks)):
+        for index in range(len(blocks)):
             wrap(blocks, str(index), STTSBlock(blocks[index], index))
-        biased_block = blocks[prune_layer + 1].base_layer
-        attention = getattr(biased_block, entry.block_attention)
-        wrap(biased_block, entry.block_attention, STTSKeyBiasAttention(attention, entry.attention_with_key_bias))
+        if entry.block_attention is not None:
+            biased_block = blocks[prune_layer + 1].base_layer
+            attention = getattr(biased_block, entry.block_attention)
+            wrap(biased_block, entry.block_attention, STTSKeyBiasAttention(attention, entry.attention_with_key_bias))
         if entry.connector is not None:
             parent_name, _, name = entry.connector.rpartition(".")
             parent = model.get_submodule(parent_name)

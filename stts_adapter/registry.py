@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .errors import UnsupportedModelError
+from .packing import TokenUnits
 from .selection import VideoLayout
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,21 @@ class VisionSpec:
 
 
 class ArchitectureEntry:
-    """How one model family is built, for the core to prune it. Subclass, fill in the declarations, implement
-    the methods marked *family*, and decorate the class with `@register_architecture`.
+    """How one model family is built, for the core to prune it.
+
+    Subclass `stts_adapter.vit.VarlenViTEntry` or `stts_adapter.vit.FrameBatchViTEntry` (the two kinds of ViT),
+    fill in the declarations, implement the methods marked *family*, and decorate the class with
+    `@register_architecture`.
 
     Declarations (class attributes):
         name: registry key, e.g. "qwen2_5_vl".
         model_types: `config.model_type` values this entry handles.
-        vision_blocks: dotted path, from the transformers model, of the ViT blocks (an `nn.ModuleList`).
-        connector: dotted path of the module that turns kept patches into LLM tokens (None if there is none).
-        block_attention: attribute of a ViT block holding its self-attention (receives the key bias).
+        vision_blocks: dotted path, from the transformers model, of the ViT blocks (an `nn.ModuleList` or
+            `nn.Sequential`).
+        connector: dotted path of the module that turns kept patches into LLM tokens, wrapped so that it runs on kept
+            units only (None: the family applies its connector itself in `encode_videos`).
+        block_attention: attribute of a ViT block holding its self-attention, wrapped in block prune_layer + 1 to
+            receive the key bias (None: the bias goes in another way, see `biased_block_inputs`).
         video_pixels: keyword argument of `forward` that carries the videos' pixels.
         video_inputs: every keyword argument about the videos; the core consumes them and does not pass them on.
         image_inputs: keyword arguments that `get_image_features` needs next to the pixels (images are never
@@ -68,10 +75,10 @@ class ArchitectureEntry:
     model_types: ClassVar[tuple[str, ...]]
     vision_blocks: ClassVar[str]
     connector: ClassVar[str | None] = None
-    block_attention: ClassVar[str] = "attn"
+    block_attention: ClassVar[str | None] = None
     video_pixels: ClassVar[str] = "pixel_values_videos"
-    video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos", "video_grid_thw")
-    image_inputs: ClassVar[tuple[str, ...]] = ("image_grid_thw",)
+    video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
+    image_inputs: ClassVar[tuple[str, ...]] = ()
     placeholder_token: ClassVar[str] = "video_token_id"
 
     # --------------------------------------------------------------------------------------------- recognition
@@ -98,49 +105,84 @@ class ArchitectureEntry:
         """*family* Frames and units of every video in the batch, in placeholder order."""
         raise NotImplementedError
 
-    def vision_tokens(self, model: nn.Module, inputs: dict[str, Any], layout: VideoLayout) -> Any:
-        """*family* The unit and attention segment of every ViT token (e.g. a `packing.VarlenTokens`)."""
+    def vision_tokens(self, model: nn.Module, inputs: dict[str, Any], layout: VideoLayout) -> TokenUnits:
+        """*family* The unit (and attention segment) of every ViT token: `VarlenTokens` or `FrameTokens`."""
         raise NotImplementedError
 
-    def encode_videos(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """*family* Run the model's own video encoder (the wrappers prune inside it).
+    def capture_blocks(self, model: nn.Module) -> tuple[int, ...]:
+        """ViT blocks whose outputs `encode_videos` reads from the pass (`vision_pass.captured`)."""
+        return ()
+
+    def last_block(self, model: nn.Module) -> int | None:
+        """Last ViT block anything reads; later blocks are skipped while pruning (None: run them all)."""
+        return None
+
+    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], vision_pass: Any) -> list[torch.Tensor]:
+        """*family* Run the model's video encoder; the wrappers prune inside it.
 
         Returns:
-            `torch.Tensor` of shape `(num_units, llm_hidden_size)`: LLM-ready features in the flat video layout; the
-            rows of pruned units are unused.
+            `list[torch.Tensor]`: per video, `(placeholders, llm_hidden_size)` LLM-ready features in placeholder
+            order (the rows of pruned units are unused).
         """
+        raise NotImplementedError
+
+    def video_placeholder_keep(self, layout: VideoLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
+        """Per video, which of its placeholders stay. Default: one placeholder per unit, in layout order."""
+        return list(keep_units.split(list(layout.units_per_video)))
+
+    def biased_block_inputs(self, vision_pass: Any, args: tuple, kwargs: dict, token_bias: torch.Tensor):
+        """*family* The arguments of block prune_layer + 1 with the key bias (one value per ViT token) added."""
         raise NotImplementedError
 
     def attention_with_key_bias(self, attention: nn.Module, *args: Any, key_bias: torch.Tensor, **kwargs: Any):
-        """*family* The block's self-attention with an additive bias on the key side, `key_bias` having one value
-        per ViT token (0 = unchanged), broadcast over heads and queries."""
+        """*family* (when `block_attention` is set) The block's self-attention with an additive bias on the key
+        side, one value per ViT token (0 = unchanged), broadcast over heads and queries."""
         raise NotImplementedError
 
-    def prune_tokens(self, tokens: Any, keep_units: torch.Tensor, block_output: Any, block_kwargs: dict) -> Any:
+    def prune_tokens(self, vision_pass: Any, block_output: Any, block_kwargs: dict) -> tuple[Any, Any]:
         """*family* Remove the pruned units' tokens after block prune_layer + 1.
 
         Returns:
-            `(hidden_states, pruned)`: what the next block receives, and the state `pruned_block_inputs` and
-            `run_connector` need.
+            `(hidden_states, pruned)`: what the next block receives, and the state later steps need.
         """
         raise NotImplementedError
 
-    def pruned_block_inputs(self, block_index: int, args: tuple, kwargs: dict, pruned: Any) -> tuple[tuple, dict]:
-        """*family* Arguments of a block that runs on kept tokens only (segments, rotary tables...)."""
+    def pruned_block_inputs(
+        self, vision_pass: Any, block_index: int, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """*family* Arguments of a block that runs on kept tokens only (segments, masks, rotary tables...)."""
         raise NotImplementedError
 
-    def run_connector(self, connector: nn.Module, args: tuple, kwargs: dict, pruned: Any) -> Any:
-        """*family* Run the connector on kept tokens, returning what the model expects from it."""
+    def unpack_output(self, vision_pass: Any, block_output: torch.Tensor) -> torch.Tensor:
+        """*family* A pruned block's output in the unpruned layout (for `capture_blocks`)."""
+        raise NotImplementedError
+
+    def run_connector(self, vision_pass: Any, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """*family* Run the wrapped connector on kept tokens, returning what the model expects from it."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------ the LLM
     def placeholder_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """`(batch, seq)` True at the video placeholder tokens, one per unit, in layout order."""
+        """`(batch, seq)` True at the video placeholder tokens, in the order the model fills them."""
         return input_ids == getattr(model.config, self.placeholder_token)
 
     def original_positions(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """*family* Position ids of the UNPRUNED sequence, as the base model would compute them (`(..., B, L)`)."""
-        raise NotImplementedError
+        """Position ids of the UNPRUNED sequence, as the base model would compute them (`(..., batch, seq)`).
+
+        Default, for 1-D RoPE language models: the given `position_ids`, else each row's count of real tokens so
+        far (padding-aware, as `generate` numbers them).
+        """
+        if inputs.get("position_ids") is not None:
+            return inputs["position_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(inputs["input_ids"])
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def video_encoder_output(self, video_features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+        """The kept video features in the form the model's forward reads from `mm_encoder_outputs["video"]`.
+        Default: a tuple with one `(kept_placeholders, D)` tensor per video."""
+        return BaseModelOutputWithPooling(pooler_output=tuple(video_features))
 
     def language_model_inputs(
         self, model: nn.Module, inputs: dict[str, Any], video_features: list[torch.Tensor]
@@ -153,7 +195,7 @@ class ArchitectureEntry:
         Args:
             model: the transformers model.
             inputs (`dict`): the call's keyword arguments, per-token tensors already pruned, videos removed.
-            video_features (`list[torch.Tensor]`): one `(kept_units, llm_hidden_size)` tensor per video.
+            video_features (`list[torch.Tensor]`): one `(kept_placeholders, llm_hidden_size)` tensor per video.
 
         Returns:
             `dict`: keyword arguments for the base model's `forward` / `generate`.
@@ -164,7 +206,7 @@ class ArchitectureEntry:
         if pixel_values is not None and encoder_outputs.get("image") is None:
             image_kwargs = {name: inputs[name] for name in self.image_inputs if inputs.get(name) is not None}
             encoder_outputs["image"] = model.get_image_features(pixel_values, return_dict=True, **image_kwargs)
-        encoder_outputs["video"] = BaseModelOutputWithPooling(pooler_output=tuple(video_features))
+        encoder_outputs["video"] = self.video_encoder_output(video_features)
         inputs["mm_encoder_outputs"] = encoder_outputs
         return inputs
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .losses import temporal_aux_loss
-from .registry import KEY_BIAS_KWARG, ArchitectureEntry
+from .packing import TokenUnits
+from .registry import ArchitectureEntry
 from .scorer import STTSScorer, soft_key_bias
 from .selection import VideoLayout, random_scores, select_units, similarity_scores
 
@@ -52,10 +53,14 @@ class VisionPruningPass:
         settings (`PruningSettings`): the config values of this call.
         scorer (`STTSScorer`, *optional*): required for the "scorer" method.
         layout (`VideoLayout`): the batch's videos.
-        tokens: the family's token bookkeeping (e.g. `packing.VarlenTokens`).
+        tokens (`TokenUnits`): the family's token bookkeeping (`VarlenTokens` or `FrameTokens`).
+        capture_blocks (`tuple[int, ...]`): blocks whose outputs the family reads afterwards (in `captured`, in the
+            unpruned layout).
+        last_block (`int`, *optional*): blocks after it are skipped (nothing reads them).
 
     Attributes set while the ViT runs:
-        scores (`(num_units,)`), keep (`(num_units,)` bool), aux_loss (scalar or None), pruned (family state).
+        scores (`(num_units,)`), keep (`(num_units,)` bool), aux_loss (scalar or None), pruned (family state after
+        pruning), captured (`{block: output}`).
     """
 
     def __init__(
@@ -64,14 +69,18 @@ class VisionPruningPass:
         settings: PruningSettings,
         scorer: STTSScorer | None,
         layout: VideoLayout,
-        tokens: Any,
+        tokens: TokenUnits,
+        capture_blocks: tuple[int, ...] = (),
+        last_block: int | None = None,
     ) -> None:
         self.entry, self.settings, self.scorer, self.layout, self.tokens = entry, settings, scorer, layout, tokens
+        self.capture_blocks, self.last_block = capture_blocks, last_block
         self.scores: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.token_bias: torch.Tensor | None = None
         self.pruned: Any = None
+        self.captured: dict[int, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[VisionPruningPass]:
@@ -85,35 +94,45 @@ class VisionPruningPass:
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Run ViT block `index` (`block` is the original module) as its role in the method requires."""
         k = self.settings.prune_layer
-        if index < k:
-            return block(*args, **kwargs)
-        if index == k:
+        if self.last_block is not None and index > self.last_block:
+            return args[0]  # nothing downstream reads this block
+        if index <= k:
             output = block(*args, **kwargs)
-            self._score(_hidden_states(output))
+            if index == k:
+                self._score(_hidden_states(output))
+            self._capture(index, output)
             return output
         if index == k + 1:
             if self.token_bias is not None:
-                kwargs = {**kwargs, KEY_BIAS_KWARG: self.token_bias}
+                args, kwargs = self.entry.biased_block_inputs(self, args, kwargs, self.token_bias)
             output = block(*args, **kwargs)
-            hidden_states, self.pruned = self.entry.prune_tokens(self.tokens, self.keep, output, kwargs)
+            self._capture(index, output)
+            hidden_states, self.pruned = self.entry.prune_tokens(self, output, kwargs)
             return hidden_states
         if self.pruned is None:
             raise RuntimeError(f"ViT block {index} ran before block {k + 1}; STTS needs the blocks in order.")
-        args, kwargs = self.entry.pruned_block_inputs(index, args, kwargs, self.pruned)
-        return block(*args, **kwargs)
+        args, kwargs = self.entry.pruned_block_inputs(self, index, args, kwargs)
+        output = block(*args, **kwargs)
+        if index in self.capture_blocks:
+            self._capture(index, self.entry.unpack_output(self, _hidden_states(output)))
+        return output
 
     def run_connector(self, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if self.pruned is None:  # prune_layer + 1 is the last block: prune right before the connector
+        if self.pruned is None:
             raise RuntimeError("The connector ran before the pruning block; check STTSConfig.prune_layer.")
-        return self.entry.run_connector(connector, args, kwargs, self.pruned)
+        return self.entry.run_connector(self, connector, args, kwargs)
+
+    def _capture(self, index: int, output: Any) -> None:
+        if index in self.capture_blocks:
+            self.captured[index] = _hidden_states(output)
 
     # ------------------------------------------------------------------------------------------------ scoring
     def _score(self, hidden_states: torch.Tensor) -> None:
         settings, layout = self.settings, self.layout
-        unit_patches = hidden_states.reshape(-1, hidden_states.shape[-1])[self.tokens.unit_token_index()]
+        unit_patches, patch_mask = self.tokens.gather_units(hidden_states.reshape(-1, hidden_states.shape[-1]))
         previous_unit = layout.previous_unit.to(unit_patches.device)
         if settings.method == "scorer":
-            scores = self.scorer(unit_patches, previous_unit)
+            scores = self.scorer(unit_patches, previous_unit, patch_mask)
             self.aux_loss = temporal_aux_loss(scores, unit_patches, previous_unit, settings.detach_aux_target)
             unit_bias = soft_key_bias(
                 scores,

@@ -20,10 +20,18 @@ class UnitAttentionPool(nn.Module):
         super().__init__()
         self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
 
-    def forward(self, unit_patches: torch.Tensor) -> torch.Tensor:
-        """(num_units, patches_per_unit, dim) -> (num_units, dim)."""
-        query = unit_patches.mean(dim=1, keepdim=True)
-        pooled, _ = self.attention(query, unit_patches, unit_patches, need_weights=False)
+    def forward(self, unit_patches: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_units, patches_per_unit, dim) -> (num_units, dim); `patch_mask` (num_units, patches_per_unit) is
+        False at padding slots of units smaller than the largest."""
+        if patch_mask is None:
+            query = unit_patches.mean(dim=1, keepdim=True)
+            pooled, _ = self.attention(query, unit_patches, unit_patches, need_weights=False)
+        else:
+            weights = patch_mask.to(unit_patches.dtype).unsqueeze(-1)
+            query = (unit_patches * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+            pooled, _ = self.attention(
+                query, unit_patches, unit_patches, key_padding_mask=~patch_mask, need_weights=False
+            )
         return pooled.squeeze(1)
 
 
@@ -71,7 +79,9 @@ class STTSScorer(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(parameter)
 
-    def forward(self, unit_patches: torch.Tensor, previous_unit: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, unit_patches: torch.Tensor, previous_unit: torch.Tensor, patch_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Score the units.
 
         Args:
@@ -79,12 +89,16 @@ class STTSScorer(nn.Module):
                 unit's patches at the scored block's output, in the flat video layout.
             previous_unit (`torch.Tensor` of shape `(num_units,)`): index of the same unit one frame earlier in the
                 same video, -1 on first frames.
+            patch_mask (`torch.Tensor` of shape `(num_units, patches_per_unit)`, *optional*): False at padding slots
+                (units of different sizes); None when every unit has all its patches.
 
         Returns:
             `torch.Tensor` of shape `(num_units,)`: scores in (0, 1), in the scorer's dtype.
         """
         dtype = self.mlp[0].weight.dtype
-        current = self.pool(unit_patches.to(dtype))  # (U, D)
+        if patch_mask is not None and bool(patch_mask.all()):
+            patch_mask = None  # the common case: the fast path, and exactly the unmasked computation
+        current = self.pool(unit_patches.to(dtype), patch_mask)  # (U, D)
         has_previous = (previous_unit >= 0).unsqueeze(-1)
         previous = torch.where(has_previous, current[previous_unit.clamp(min=0)], torch.zeros_like(current))
         logits = self.mlp(torch.cat([previous, current], dim=-1)).squeeze(-1)

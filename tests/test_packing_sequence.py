@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stts_adapter.errors import STTSInputError
-from stts_adapter.packing import VarlenTokens, segment_ids, varlen_attention
+from stts_adapter.packing import RowPacking, TokenUnits, VarlenTokens, segment_ids, varlen_attention
 from stts_adapter.sequence import SequencePruning, infer_padding_side, plan_sequence_pruning
 
 
@@ -29,7 +29,7 @@ def make_tokens():
         "window": torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 5]),
     }
     return VarlenTokens(
-        token_unit=token_unit, segments=segments, patches_per_unit=2, block_segments=("window", "frame", "window")
+        token_unit=token_unit, num_units=6, segments=segments, block_segments=("window", "frame", "window")
     )
 
 
@@ -409,3 +409,81 @@ def test_sequence_pruning_properties(spec):
     pruned = plan.prune(stacked, pad_value=-1)
     for axis in range(3):
         assert torch.equal(pruned[axis], plan.prune(stacked[axis], pad_value=-1))
+
+
+# --------------------------------------------------------------------------------------------- row packing
+@st.composite
+def frame_keeps(draw):
+    tokens_per_frame = draw(st.integers(1, 12))
+    frames = draw(st.integers(1, 10))
+    keep = draw(st.lists(st.booleans(), min_size=frames * tokens_per_frame, max_size=frames * tokens_per_frame))
+    return torch.tensor(keep, dtype=torch.bool), tokens_per_frame
+
+
+@settings(max_examples=80, deadline=None)
+@given(frame_keeps())
+def test_row_packing_properties(case):
+    keep, tokens_per_frame = case
+    packing = RowPacking.build(keep, tokens_per_frame)
+    frames = keep.numel() // tokens_per_frame
+    # No row exceeds its capacity, and every kept token appears exactly once.
+    assert packing.source.shape[1] == tokens_per_frame
+    placed = packing.source[packing.valid].tolist()
+    assert sorted(placed) == torch.nonzero(keep).squeeze(1).tolist()
+    # Slots know their frame; padding slots are -1.
+    assert torch.equal(packing.frame[packing.valid], packing.source[packing.valid] // tokens_per_frame)
+    assert bool((packing.frame[~packing.valid] == -1).all())
+    # A frame's tokens stay in order and contiguous inside one row.
+    for f in range(frames):
+        rows, slots = torch.nonzero(packing.frame == f, as_tuple=True)
+        if len(rows):
+            assert len(set(rows.tolist())) == 1
+            assert slots.tolist() == list(range(int(slots[0]), int(slots[0]) + len(slots)))
+            assert packing.source[rows, slots].tolist() == sorted(packing.source[rows, slots].tolist())
+    # First-fit decreasing never needs more rows than frames with something kept.
+    assert packing.num_rows <= max(
+        1, sum(int(keep[f * tokens_per_frame : (f + 1) * tokens_per_frame].any()) for f in range(frames))
+    )
+    # Scatter-back is the identity on kept tokens and leaves the fill elsewhere.
+    hidden = torch.randn(frames, tokens_per_frame, 3)
+    fill = torch.randn(frames, tokens_per_frame, 3)
+    restored = packing.unpack(packing.pack(hidden), fill).flatten(0, 1)
+    assert torch.equal(restored[keep], hidden.flatten(0, 1)[keep])
+    assert torch.equal(restored[~keep], fill.flatten(0, 1)[~keep])
+    # The block mask never lets tokens of different frames attend to each other; every query has a key.
+    mask = packing.attention_mask(torch.float32)[:, 0]
+    allowed = mask == 0
+    for row in range(packing.num_rows):
+        frame_of_slot = packing.frame[row]
+        same = frame_of_slot[:, None] == frame_of_slot[None, :]
+        assert torch.equal(allowed[row], same)
+    assert bool(allowed.any(dim=-1).all())
+
+
+def test_packed_attention_equals_per_frame_attention():
+    """Oracle: attention over packed rows with the block mask equals attention run on each frame's kept tokens."""
+    torch.manual_seed(0)
+    frames, tokens_per_frame, dim = 5, 8, 4
+    keep = torch.rand(frames * tokens_per_frame) > 0.5
+    keep[::tokens_per_frame] = True
+    packing = RowPacking.build(keep, tokens_per_frame)
+    q, k, v = (torch.randn(frames, tokens_per_frame, dim) for _ in range(3))
+    packed = F.scaled_dot_product_attention(
+        packing.pack(q), packing.pack(k), packing.pack(v), attn_mask=packing.attention_mask(torch.float32)[:, 0]
+    )
+    restored = packing.unpack(packed, torch.zeros(frames, tokens_per_frame, dim))
+    for f in range(frames):
+        kept = keep.view(frames, tokens_per_frame)[f]
+        expected = F.scaled_dot_product_attention(q[f][kept], k[f][kept], v[f][kept])
+        torch.testing.assert_close(restored[f][kept], expected)
+
+
+def test_units_of_different_sizes_are_gathered_with_a_mask():
+    # 3 units: unit 0 has 3 tokens, unit 1 one token, unit 2 two tokens; token 3 belongs to no unit.
+    tokens = TokenUnits(token_unit=torch.tensor([0, 1, 0, -1, 2, 0, 2]), num_units=3)
+    index = tokens.unit_token_index()
+    assert index.tolist() == [[0, 2, 5], [1, -1, -1], [4, 6, -1]]
+    hidden = torch.arange(7.0).unsqueeze(-1) + 1
+    patches, mask = tokens.gather_units(hidden)
+    assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert patches.squeeze(-1).tolist() == [[1.0, 3.0, 6.0], [2.0, 0.0, 0.0], [5.0, 7.0, 0.0]]

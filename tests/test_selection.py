@@ -658,3 +658,19 @@ def test_scorer_init_zero_biases_and_truncated_normal_weights():
         assert abs(float(weight.mean())) < 0.2 * target, name
     assert dict(weights)["pool.attention.in_proj_weight"].shape == (3 * 64, 64)
     assert dict(weights)["mlp.0.weight"].shape == (128, 128)
+
+
+def test_scorer_with_units_of_different_sizes_ignores_padding_slots():
+    torch.manual_seed(0)
+    scorer = STTSScorer(input_size=8, hidden_size=16, num_heads=2)
+    patches = torch.randn(4, 3, 8)
+    mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False], [True, True, True]])
+    previous = torch.tensor([-1, -1, 0, 1])
+    scores = scorer(patches * mask.unsqueeze(-1), previous, mask)
+    garbage = patches + 100.0 * (~mask).unsqueeze(-1)  # anything in the padding slots
+    torch.testing.assert_close(scorer(garbage, previous, mask), scores)
+    # A full mask is exactly the unmasked computation.
+    torch.testing.assert_close(scorer(patches, previous, torch.ones(4, 3, dtype=torch.bool)), scorer(patches, previous))
+    # A one-patch unit with padding scores like the same unit given alone.
+    alone = scorer(patches[1:2, :1], torch.tensor([-1]))
+    torch.testing.assert_close(scores[1:2], alone)

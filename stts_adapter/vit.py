@@ -1,0 +1,134 @@
+"""The two kinds of ViT the supported families use, as reusable `ArchitectureEntry` bases.
+
+- `VarlenViTEntry`: all frames of a call in ONE packed sequence with `cu_seqlens` segments and rotary tables
+  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V). The key bias goes to block k+1's (wrapped) attention; after pruning,
+  later blocks get re-measured segments and sliced rotary tables; the connector runs on kept units.
+- `FrameBatchViTEntry`: frames as a batch `(frames, tokens, dim)` (SigLIP, CLIP, InternViT, Molmo2's ViT, timm).
+  The key bias and, after pruning, the block-diagonal mask of the packed rows go in through the block's
+  attention-mask argument; the layers the connector reads are scattered back to the frames layout for it.
+
+A family subclasses one of them and declares the rest.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .packing import FrameTokens, PrunedVarlen, RowPacking, VarlenTokens
+from .registry import KEY_BIAS_KWARG, ArchitectureEntry
+
+if TYPE_CHECKING:
+    from .runtime import VisionPruningPass
+
+
+def block_of_hidden_state(index: int, num_blocks: int) -> int:
+    """The ViT block whose output is `hidden_states[index]` of a transformers vision model (whose
+    `hidden_states[0]` is the embeddings)."""
+    block = num_blocks + index if index < 0 else index - 1
+    if not 0 <= block < num_blocks:
+        raise ValueError(f"hidden_states[{index}] is not the output of a ViT block of this {num_blocks}-block model.")
+    return block
+
+
+class VarlenViTEntry(ArchitectureEntry):
+    """A ViT that runs one packed sequence with `cu_seqlens` segments and a `position_embeddings` rotary table.
+
+    Subclasses build the `VarlenTokens` (`vision_tokens`), implement `attention_with_key_bias` and say how the
+    connector's output maps back to units (`run_connector`).
+    """
+
+    def biased_block_inputs(
+        self, vision_pass: VisionPruningPass, args: tuple, kwargs: dict, token_bias: torch.Tensor
+    ) -> tuple[tuple, dict]:
+        return args, {**kwargs, KEY_BIAS_KWARG: token_bias}
+
+    def prune_tokens(
+        self, vision_pass: VisionPruningPass, block_output: torch.Tensor, block_kwargs: dict
+    ) -> tuple[torch.Tensor, PrunedVarlen]:
+        tokens: VarlenTokens = vision_pass.tokens
+        pruned = tokens.prune(vision_pass.keep)
+        kept = pruned.kept_tokens
+        pruned.extras["position_embeddings"] = tuple(table[kept] for table in block_kwargs["position_embeddings"])
+        return block_output[kept], pruned
+
+    def pruned_block_inputs(
+        self, vision_pass: VisionPruningPass, block_index: int, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        pruned: PrunedVarlen = vision_pass.pruned
+        kwargs = dict(kwargs)
+        kwargs["cu_seqlens"] = pruned.block_cu_seqlens(block_index)
+        kwargs["position_embeddings"] = pruned.extras["position_embeddings"]
+        if kwargs.get("max_seqlen") is not None:  # only flash attention asks for it
+            kwargs["max_seqlen"] = pruned.block_max_seqlen(block_index)
+        return args, kwargs
+
+
+class FrameBatchViTEntry(ArchitectureEntry):
+    """A ViT that runs frames as a batch and whose blocks take an additive attention mask.
+
+    Declarations:
+        mask_argument: name of the blocks' attention-mask argument.
+        mask_position: its position when the model passes it positionally (None: always a keyword, or never
+            passed, as with timm's `nn.Sequential` of blocks).
+    """
+
+    mask_argument: ClassVar[str] = "attention_mask"
+    mask_position: ClassVar[int | None] = 1
+    block_attention: ClassVar[str | None] = None  # the bias goes through the mask: no attention wrapper
+    connector: ClassVar[str | None] = None  # the family applies its connector to the scattered-back layers
+
+    def connector_blocks(self, model: nn.Module) -> tuple[int, ...]:
+        """*family* The ViT blocks whose outputs the connector reads (default: the last block)."""
+        return (self.vision_spec(model).num_blocks - 1,)
+
+    def _with_mask(self, args: tuple, kwargs: dict, mask: torch.Tensor) -> tuple[tuple, dict]:
+        if self.mask_position is not None and len(args) > self.mask_position:
+            args = (*args[: self.mask_position], mask, *args[self.mask_position + 1 :])
+        else:
+            kwargs = {**kwargs, self.mask_argument: mask}
+        return args, kwargs
+
+    def _mask_of(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if self.mask_position is not None and len(args) > self.mask_position:
+            return args[self.mask_position]
+        return kwargs.get(self.mask_argument)
+
+    def biased_block_inputs(
+        self, vision_pass: VisionPruningPass, args: tuple, kwargs: dict, token_bias: torch.Tensor
+    ) -> tuple[tuple, dict]:
+        tokens: FrameTokens = vision_pass.tokens
+        hidden_states = args[0]
+        bias = token_bias.to(hidden_states.dtype).view(-1, 1, 1, tokens.tokens_per_frame)  # (F, 1, 1, N)
+        existing = self._mask_of(args, kwargs)
+        if existing is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: this call already passes an attention mask to the ViT blocks (padded "
+                "frames?); STTS supports full frames only here."
+            )
+        return self._with_mask(args, kwargs, bias)
+
+    def prune_tokens(
+        self, vision_pass: VisionPruningPass, block_output: torch.Tensor, block_kwargs: dict
+    ) -> tuple[torch.Tensor, RowPacking]:
+        tokens: FrameTokens = vision_pass.tokens
+        packing = tokens.prune(vision_pass.keep)
+        packing.extras["attention_mask"] = packing.attention_mask(block_output.dtype)
+        packing.extras["unpruned"] = block_output  # fill for the scattered-back layers
+        return packing.pack(block_output), packing
+
+    def pruned_block_inputs(
+        self, vision_pass: VisionPruningPass, block_index: int, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        packing: RowPacking = vision_pass.pruned
+        return self._with_mask(args, kwargs, packing.extras["attention_mask"])
+
+    def unpack_output(self, vision_pass: VisionPruningPass, block_output: torch.Tensor) -> torch.Tensor:
+        """A pruned block's packed output, back in the frames layout (pruned tokens hold block k+1's output)."""
+        packing: RowPacking = vision_pass.pruned
+        return packing.unpack(block_output, packing.extras["unpruned"])
+
+    def run_connector(self, vision_pass: VisionPruningPass, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError  # frames-as-batch families apply their connector in encode_videos
