@@ -147,9 +147,7 @@ class ArchitectureEntry:
         """
         raise NotImplementedError
 
-    def pruned_block_inputs(
-        self, vision_pass: Any, block_index: int, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict]:
+    def pruned_block_inputs(self, vision_pass: Any, block_index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """*family* Arguments of a block that runs on kept tokens only (segments, masks, rotary tables...)."""
         raise NotImplementedError
 

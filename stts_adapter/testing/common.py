@@ -1,0 +1,128 @@
+"""What every family's test helpers share: special token ids, the tiny LLM config, synthetic videos, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Special token ids of the tiny configs: inside the vocabulary, above every "word" id.
+VOCAB_SIZE = 1000
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 995, 996, 997, 998
+WORD_IDS = (3, 990)
+
+
+def tiny_text_config(hidden_size: int = 64, num_hidden_layers: int = 2, intermediate_size: int = 128) -> dict:
+    head_dim = hidden_size // 4
+    half = head_dim // 2  # the M-RoPE sections (t, h, w) split head_dim / 2
+    return dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+        },
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+
+
+def special_tokens() -> dict:
+    return dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ videos
+def moving_square_video(
+    frames: int = 8,
+    height: int = 112,
+    width: int = 112,
+    square: int = 28,
+    color: tuple[float, float, float] = (1.0, 0.1, 0.1),
+    step: tuple[int, int] = (0, 14),
+    start: tuple[int, int] = (14, 0),
+    seed: int = 0,
+) -> torch.Tensor:
+    """A static textured background with one coloured square moving across it.
+
+    Args:
+        frames, height, width (`int`): video size.
+        square (`int`): side of the square in pixels.
+        color (`tuple`): RGB in [0, 1].
+        step (`tuple`): (dy, dx) pixels the square moves per frame.
+        start (`tuple`): (y, x) of its top-left corner in frame 0.
+        seed (`int`): seed of the background texture.
+
+    Returns:
+        `torch.Tensor` of shape `(frames, 3, height, width)` in [0, 1].
+    """
+    generator = torch.Generator().manual_seed(seed)
+    background = torch.rand(3, height // 14, width // 14, generator=generator) * 0.5 + 0.25
+    background = background.repeat_interleave(14, 1).repeat_interleave(14, 2)
+    video = background.expand(frames, 3, height, width).clone()
+    for t in range(frames):
+        y = (start[0] + t * step[0]) % max(1, height - square)
+        x = (start[1] + t * step[1]) % max(1, width - square)
+        video[t, :, y : y + square, x : x + square] = torch.tensor(color)[:, None, None]
+    return video
+
+
+# ------------------------------------------------------------------------------------------------ samples
+@dataclass
+class Sample:
+    """One conversation: `prefix` text, an optional video, `suffix` text, and an optional `answer` to learn.
+
+    Token lists are ids; the video is `(frames, 3, height, width)`.
+    """
+
+    video: torch.Tensor | None = None
+    prefix: list[int] = field(default_factory=lambda: [BOS, 11, 12])
+    suffix: list[int] = field(default_factory=lambda: [21, 22, 23])
+    answer: list[int] | None = None
+    image: torch.Tensor | None = None  # `(3, height, width)`, placed before the video
+
+
+def pad_rows(rows: list[list[int]], value: int, padding_side: str) -> torch.Tensor:
+    """Pad token-id lists to one length on `padding_side`."""
+    length = max(len(r) for r in rows)
+    padded = []
+    for row in rows:
+        filler = [value] * (length - len(row))
+        padded.append(filler + row if padding_side == "left" else row + filler)
+    return torch.tensor(padded)
+
+
+def tokenize(samples: list[Sample], placeholders, padding_side: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels of `samples`, with `placeholders(sample)` the ids between prefix and
+    suffix (a video's or image's placeholder run). Labels are -100 everywhere but on the answer."""
+    rows, label_rows = [], []
+    for sample in samples:
+        ids = list(sample.prefix) + list(placeholders(sample)) + list(sample.suffix)
+        labels = [-100] * len(ids)
+        if sample.answer is not None:
+            ids += list(sample.answer)
+            labels += list(sample.answer)
+        rows.append(ids)
+        label_rows.append(labels)
+    batch = {
+        "input_ids": pad_rows(rows, pad_id, padding_side),
+        "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, padding_side),
+    }
+    if any(s.answer is not None for s in samples):
+        batch["labels"] = pad_rows(label_rows, -100, padding_side)
+    return batch
