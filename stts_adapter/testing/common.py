@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,9 +14,21 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 995, 996, 997, 998
 WORD_IDS = (3, 990)
 
 
-def tiny_text_config(hidden_size: int = 64, num_hidden_layers: int = 2, intermediate_size: int = 128) -> dict:
+def tiny_text_config(
+    hidden_size: int = 64, num_hidden_layers: int = 2, intermediate_size: int = 128, mrope: bool = True, **extra: Any
+) -> dict:
+    """A tiny decoder config (4 heads, 2 KV heads, vocab 1000, special ids inside the vocab).
+
+    Args:
+        hidden_size, num_hidden_layers, intermediate_size (`int`): its size.
+        mrope (`bool`): add M-RoPE sections (t, h, w) for Qwen-VL language models.
+        **extra: other fields (e.g. `model_type="qwen2"` for a nested config).
+    """
     head_dim = hidden_size // 4
     half = head_dim // 2  # the M-RoPE sections (t, h, w) split head_dim / 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if mrope:
+        rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
     return dict(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -24,14 +37,11 @@ def tiny_text_config(hidden_size: int = 64, num_hidden_layers: int = 2, intermed
         num_key_value_heads=2,
         vocab_size=VOCAB_SIZE,
         max_position_embeddings=4096,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
-        },
+        rope_parameters=rope,
         bos_token_id=BOS,
         eos_token_id=EOS,
         pad_token_id=PAD,
+        **extra,
     )
 
 
@@ -126,3 +136,46 @@ def tokenize(samples: list[Sample], placeholders, padding_side: str, pad_id: int
     if any(s.answer is not None for s in samples):
         batch["labels"] = pad_rows(label_rows, -100, padding_side)
     return batch
+
+
+# ------------------------------------------------------------------------------------------------ conformance
+@dataclass(frozen=True)
+class FamilyCase:
+    """What the conformance suite (tests/test_conformance.py) needs to run one registry entry.
+
+    Args:
+        name (`str`): the registry entry.
+        model_class (`type`): the transformers model class.
+        make_config (`Callable[[], PretrainedConfig]`): a tiny config.
+        build_batch (`Callable[[config, list[Sample], str], dict]`): processor-faithful batch of samples.
+        videos (`tuple[tuple[int, int, int], ...]`): (frames, height, width) of the two videos of the batch tests,
+            as different as the family allows.
+        units (`Callable[[config, int, int, int], tuple[int, int]]`): the method's frames and units per frame the
+            processor makes of a (frames, height, width) video, computed independently of the entry.
+        vit_tokens_per_unit (`int`): ViT tokens of one unit.
+        one_frame (`int`): frames of the smallest video (Qwen: 2 frames fill one temporal slot).
+        packs_rows (`bool`): the ViT runs frames as a batch (row packing) rather than one packed sequence.
+        prune_layer (`int`): prune layer of the tests (the tiny ViTs are 4-5 blocks deep).
+    """
+
+    name: str
+    model_class: type
+    make_config: Any
+    build_batch: Any
+    videos: tuple[tuple[int, int, int], ...]
+    units: Any
+    vit_tokens_per_unit: int
+    one_frame: int = 1
+    packs_rows: bool = True
+    prune_layer: int = 1
+
+    def video(self, index: int, seed: int = 0) -> torch.Tensor:
+        """Video `index` of the batch tests (a moving square), different per index and seed."""
+        frames, height, width = self.videos[index]
+        colors = [(1.0, 0.1, 0.1), (0.1, 0.9, 0.2), (0.2, 0.3, 1.0)]
+        return moving_square_video(
+            frames, height, width, square=min(14, height // 2), color=colors[index % 3], step=(0, 7), seed=seed + index
+        )
+
+    def __repr__(self) -> str:  # readable pytest ids
+        return self.name

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..sequence import pad_token_id
-from .common import Sample, special_tokens, tiny_text_config, tokenize
+from .common import FamilyCase, Sample, special_tokens, tiny_text_config, tokenize
 
 
 def tiny_qwen2_5_vl_config(**vision_overrides: Any):
@@ -147,3 +147,23 @@ def qwen_video_units(config, frames: int, height: int, width: int) -> tuple[int,
     vision = config.vision_config
     side = vision.patch_size * vision.spatial_merge_size
     return -(-frames // vision.temporal_patch_size), (height // side) * (width // side)
+
+
+def _qwen_case(name: str, model_class_name: str, make_config) -> FamilyCase:
+    import transformers
+
+    return FamilyCase(
+        name=name,
+        model_class=getattr(transformers, model_class_name),
+        make_config=make_config,
+        build_batch=build_qwen_batch,
+        videos=((8, 112, 168), (4, 84, 112)),
+        units=qwen_video_units,
+        vit_tokens_per_unit=4,
+        one_frame=2,
+        packs_rows=False,
+    )
+
+
+QWEN2_5_VL = _qwen_case("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", tiny_qwen2_5_vl_config)
+QWEN2_VL = _qwen_case("qwen2_vl", "Qwen2VLForConditionalGeneration", tiny_qwen2_vl_config)

@@ -1,0 +1,223 @@
+"""The conformance suite: every registry entry must pass all of it (in the spirit of PEFT's common tester).
+
+A new family gets the whole suite by adding its `FamilyCase` (from `stts_adapter.testing.<family>`) to CASES.
+The bare model is the oracle: STTS disabled must equal it bit for bit, pruning nothing through the pruning path must
+reproduce it, and generate must equal a greedy loop of full forward passes.
+"""
+
+import pytest
+import torch
+
+from stts_adapter import STTSConfig, STTSModel, apply_stts
+from stts_adapter.testing import Sample
+from stts_adapter.testing.llava_onevision import LLAVA_ONEVISION
+from stts_adapter.testing.qwen import QWEN2_5_VL, QWEN2_VL
+
+CASES = [
+    QWEN2_5_VL,
+    QWEN2_VL,
+    LLAVA_ONEVISION,
+]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case's tiny random model, written once with save_pretrained."""
+    directories = {}
+    for case in CASES:
+        torch.manual_seed(0)
+        directory = tmp_path_factory.mktemp(case.name)
+        case.model_class(case.make_config()).save_pretrained(directory)
+        directories[case.name] = directory
+    return directories
+
+
+@pytest.fixture(params=CASES, ids=repr)
+def case(request):
+    return request.param
+
+
+@pytest.fixture
+def model(case, saved):
+    """A fresh copy of the case's tiny model, loaded from disk, in eval mode."""
+    return case.model_class.from_pretrained(saved[case.name]).eval()
+
+
+def samples(case, answers=False, frames_seed=0):
+    return [
+        Sample(video=case.video(0, frames_seed), answer=[31, 32, 33] if answers else None),
+        Sample(
+            video=case.video(1, frames_seed), prefix=[1, 14], suffix=[25, 26, 27, 28], answer=[41] if answers else None
+        ),
+    ]
+
+
+def batch_of(case, model, answers=False, padding_side="left"):
+    return case.build_batch(model.config, samples(case, answers), padding_side)
+
+
+def expected_pruned(case, config, ratio):
+    """floor(ratio x units) per video, the first frame protected, computed from the processor's counts."""
+    pruned = []
+    for frames, height, width in case.videos:
+        slots, per_frame = case.units(config, frames, height, width)
+        units = slots * per_frame
+        pruned.append(min(int(ratio * units), units - per_frame))
+    return pruned
+
+
+def stts_of(model, case, **config):
+    return apply_stts(model, STTSConfig(prune_layer=case.prune_layer, **config))
+
+
+# --------------------------------------------------------------------------------------------- the oracle
+def test_disabled_equals_the_bare_model_exactly(case, model):
+    batch = batch_of(case, model, answers=True)
+    bare = model(**batch)
+    stts = stts_of(model, case, prune_ratio=0.5)
+    with stts.disable_stts():
+        disabled = stts(**batch)
+    assert torch.equal(disabled.logits, bare.logits)
+    assert torch.equal(disabled.loss, bare.loss)
+    assert torch.equal(stts.base_model(**batch).logits, bare.logits)  # the wrapped model called directly
+
+
+@pytest.mark.parametrize("method", ["similarity", "random"])
+def test_pruning_nothing_through_the_pruning_path_reproduces_the_bare_model(case, model, method):
+    batch = batch_of(case, model, answers=True, padding_side="right")
+    bare = model(**batch)
+    out = stts_of(model, case, prune_ratio=0.0, method=method)(**batch)
+    real = batch["attention_mask"].bool()
+    assert out.logits.shape == bare.logits.shape
+    torch.testing.assert_close(out.logits[real], bare.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, bare.loss, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- counts
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_exact_pruned_counts_in_the_llm_and_the_vit(case, model, ratio):
+    batch = batch_of(case, model)
+    expected = expected_pruned(case, model.config, ratio)
+    stts = stts_of(model, case, prune_ratio=ratio)
+    blocks = stts.architecture.get_vision_blocks(model)
+    seen = []
+    handle = blocks[case.prune_layer + 2].base_layer.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].shape)
+    )
+    out = stts(**batch)
+    handle.remove()
+
+    assert [b - a for b, a in zip(out.stts.units_before, out.stts.units_after)] == expected
+    real_before, real_after = batch["attention_mask"].sum(1).tolist(), out.stts.attention_mask.sum(1).tolist()
+    assert [b - a for b, a in zip(real_before, real_after)] == expected
+    assert out.logits.shape[1] == max(real_after)
+
+    kept_tokens = sum(out.stts.units_after) * case.vit_tokens_per_unit
+    frames = sum(mask.shape[0] for mask in out.stts.keep_masks)
+    (shape,) = seen
+    if case.packs_rows:  # (rows, tokens_per_frame, dim): fewer rows than frames, room for every kept token
+        rows, tokens_per_frame = shape[0], shape[1]
+        assert rows < frames and rows * tokens_per_frame >= kept_tokens
+    else:  # one packed sequence of exactly the kept tokens
+        assert shape[0] == kept_tokens
+    for mask in out.stts.keep_masks:
+        assert bool(mask[0].all())  # the first frame is whole
+
+
+def test_prune_ratio_zero_prunes_nothing(case, model):
+    batch = batch_of(case, model)
+    out = stts_of(model, case, prune_ratio=0.0)(**batch)
+    assert out.stts.units_after == out.stts.units_before
+    assert out.logits.shape[1] == batch["input_ids"].shape[1]
+
+
+def test_a_one_frame_video_works_and_is_not_pruned(case, model):
+    video = Sample(video=case.video(0)[: case.one_frame], answer=[5])
+    batch = case.build_batch(model.config, [video], "left")
+    stts = stts_of(model, case, prune_ratio=0.5).train()
+    out = stts(**batch)
+    assert out.stts.units_after == out.stts.units_before
+    assert out.stts.aux_loss.item() == 0.0
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+# --------------------------------------------------------------------------------------------- batches
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_invariance(case, model, padding_side):
+    stts = stts_of(model, case, prune_ratio=0.5)
+    pair = samples(case)
+    together = stts(**case.build_batch(model.config, pair, padding_side))
+    for row, sample in enumerate(pair):
+        alone = stts(**case.build_batch(model.config, [sample], padding_side))
+        in_batch = together.logits[row][together.stts.attention_mask[row].bool()]
+        torch.testing.assert_close(in_batch, alone.logits[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(together.stts.keep_masks[row], alone.stts.keep_masks[0])
+
+
+def test_generate_equals_a_greedy_loop_of_full_forwards(case, model):
+    stts = stts_of(model, case, prune_ratio=0.5)
+    batch = batch_of(case, model, padding_side="left")
+    new_tokens = 5
+    generated = stts.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+
+    loop = dict(batch)
+    for _ in range(new_tokens):
+        next_token = stts(**loop).logits[:, -1].argmax(-1, keepdim=True)
+        loop["input_ids"] = torch.cat([loop["input_ids"], next_token], 1)
+        loop["attention_mask"] = torch.cat([loop["attention_mask"], torch.ones_like(next_token)], 1)
+        if "mm_token_type_ids" in loop:
+            types = loop["mm_token_type_ids"]
+            loop["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(next_token, dtype=types.dtype)], 1)
+    assert torch.equal(generated, loop["input_ids"])
+    assert torch.equal(generated[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # the unpruned prompt
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_gradients_reach_every_scorer_parameter_from_each_loss_and_never_the_base(case, model):
+    batch = batch_of(case, model, answers=True)
+    stts = stts_of(model, case, prune_ratio=0.5, aux_loss_weight=0.0).train()
+    out = stts(**batch)
+    out.loss.backward()  # the LM loss alone
+    for name, parameter in stts.scorer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no LM gradient for {name}"
+    assert all(p.grad is None for p in stts.base_model.parameters())
+
+    stts.zero_grad(set_to_none=True)
+    stts(**batch).stts.aux_loss.backward()  # the temporal auxiliary loss alone
+    for name, parameter in stts.scorer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no aux gradient for {name}"
+    assert all(p.grad is None for p in stts.base_model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- save, unload
+def test_save_and_load_round_trip(case, model, saved, tmp_path):
+    batch = batch_of(case, model, answers=True)
+    stts = stts_of(model, case, prune_ratio=0.5).train()
+    optimizer = torch.optim.AdamW(stts.scorer.parameters(), lr=1e-2)
+    for _ in range(2):
+        stts(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    stts.eval()
+    stts.save_pretrained(tmp_path)
+    reloaded = STTSModel.from_pretrained(case.model_class.from_pretrained(saved[case.name]), tmp_path)
+    with torch.no_grad():
+        expected, actual = stts(**batch), reloaded(**batch)
+    assert torch.equal(actual.logits, expected.logits)
+    assert all(torch.equal(a, b) for a, b in zip(actual.stts.keep_masks, expected.stts.keep_masks))
+
+
+def test_unload_restores_the_model(case, model):
+    batch = batch_of(case, model, answers=True)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_modules = {name: type(m) for name, m in model.named_modules()}
+    before_logits = model(**batch).logits
+    stts = stts_of(model, case, prune_ratio=0.5)
+    assert list(model.state_dict()) == list(before_state)  # wrappers are invisible to checkpoints
+    stts(**batch)
+    assert stts.unload() is model
+    assert {name: type(m) for name, m in model.named_modules()} == before_modules
+    state = model.state_dict()
+    assert all(torch.equal(state[k], before_state[k]) for k in before_state) and len(state) == len(before_state)
+    assert torch.equal(model(**batch).logits, before_logits)
