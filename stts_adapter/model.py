@@ -371,8 +371,9 @@ def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: in
             biased_block = blocks[prune_layer + 1].base_layer
             attention = getattr(biased_block, entry.block_attention)
             wrap(biased_block, entry.block_attention, STTSKeyBiasAttention(attention, entry.attention_with_key_bias))
-        if entry.connector is not None:
-            parent_name, _, name = entry.connector.rpartition(".")
+        connectors = (entry.connector,) if isinstance(entry.connector, str) else entry.connector or ()
+        for path in connectors:
+            parent_name, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_name)
             wrap(parent, name, STTSConnector(getattr(parent, name)))
     except Exception:

@@ -60,8 +60,8 @@ class ArchitectureEntry:
         model_types: `config.model_type` values this entry handles.
         vision_blocks: dotted path, from the transformers model, of the ViT blocks (an `nn.ModuleList` or
             `nn.Sequential`).
-        connector: dotted path of the module that turns kept patches into LLM tokens, wrapped so that it runs on kept
-            units only (None: the family applies its connector itself in `encode_videos`).
+        connector: dotted path (or a tuple of paths) of the module(s) that turn ViT tokens into LLM tokens, wrapped so
+            that they run on kept units only (None: the family applies its connector itself in `encode_videos`).
         block_attention: attribute of a ViT block holding its self-attention, wrapped in block prune_layer + 1 to
             receive the key bias (None: the bias goes in another way, see `biased_block_inputs`).
         video_pixels: keyword argument of `forward` that carries the videos' pixels.
@@ -74,7 +74,7 @@ class ArchitectureEntry:
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     vision_blocks: ClassVar[str]
-    connector: ClassVar[str | None] = None
+    connector: ClassVar[str | tuple[str, ...] | None] = None
     block_attention: ClassVar[str | None] = None
     video_pixels: ClassVar[str] = "pixel_values_videos"
     video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)

@@ -3,7 +3,13 @@
 A new family gets the whole suite by adding its `FamilyCase` (from `stts_adapter.testing.<family>`) to CASES.
 The bare model is the oracle: STTS disabled must equal it bit for bit, pruning nothing through the pruning path must
 reproduce it, and generate must equal a greedy loop of full forward passes.
+
+To run it on a case outside the list (a plugin's entry, a family in progress):
+    STTS_CONFORMANCE_CASES=my_package.testing:MY_CASE pytest tests/test_conformance.py
 """
+
+import importlib
+import os
 
 import pytest
 import torch
@@ -18,6 +24,18 @@ CASES = [
     QWEN2_VL,
     LLAVA_ONEVISION,
 ]
+
+
+def _extra_cases() -> list:
+    """`module:NAME` entries of $STTS_CONFORMANCE_CASES (comma-separated)."""
+    cases = []
+    for spec in filter(None, os.environ.get("STTS_CONFORMANCE_CASES", "").split(",")):
+        module, _, name = spec.strip().partition(":")
+        cases.append(getattr(importlib.import_module(module), name))
+    return cases
+
+
+CASES += _extra_cases()
 
 
 @pytest.fixture(scope="module")
