@@ -1,8 +1,9 @@
 # `make demo` and `make test` each create .venv and install what they need on a fresh machine.
-# torch is installed first as a CPU build (its wheel lies on this machine's disk); override with e.g.
-# `make test TORCH=torch` elsewhere.
+# torch is installed first, from this machine's disk: the demo takes the lean CPU build; the tests need timm, whose
+# torchvision pins torch 2.14.1. Override elsewhere, e.g. `make test TEST_TORCH="torch torchvision"`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TEST_TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -17,7 +18,7 @@ $(VENV)/.installed-core: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TEST_TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.installed-core
 

@@ -19,6 +19,7 @@ from .registry import ArchitectureEntry, VisionSpec, find_architecture
 from .report import STTSReport
 from .runtime import PruningSettings, VisionPruningPass
 from .scorer import STTSScorer
+from .selection import VideoLayout
 from .sequence import pad_token_id, plan_sequence_pruning
 
 # Models whose STTS is switched off in the current context (thread / task) by `disable_stts`.
@@ -70,7 +71,7 @@ class STTSModel(nn.Module):
             config,
             architecture=entry.name,
             base_model_class=type(transformers_model).__name__,
-            base_model_name_or_path=getattr(transformers_model.config, "_name_or_path", None) or None,
+            base_model_name_or_path=entry.model_name(transformers_model),
             vision_hidden_size=spec.hidden_size,
             num_vision_blocks=spec.num_blocks,
             patches_per_unit=spec.patches_per_unit,
@@ -145,7 +146,9 @@ class STTSModel(nn.Module):
             pruned. In training mode `out.loss` = LM loss + `aux_loss_weight` x temporal auxiliary loss.
         """
         self._check_loaded()
-        kwargs = _inputs_as_kwargs(args, kwargs)
+        kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
+        if not self.architecture.has_language_model:
+            return self._forward_frames(kwargs)
         if not self._prunes(kwargs):
             return self.base_model(**kwargs)
         return_dict = kwargs.pop("return_dict", None)
@@ -173,7 +176,9 @@ class STTSModel(nn.Module):
             What the base model's `generate` returns, with the unpruned prompt in `sequences`.
         """
         self._check_loaded()
-        kwargs = _inputs_as_kwargs(args, kwargs)
+        if not self.architecture.has_language_model:
+            raise TypeError(f"{type(self.transformers_model).__name__} has no language model to generate with.")
+        kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
         if not self._prunes(kwargs):
             return self.base_model.generate(**kwargs)
         prompt = kwargs["input_ids"]
@@ -181,6 +186,39 @@ class STTSModel(nn.Module):
         pruned_length = model_inputs["input_ids"].shape[1]
         output = self.base_model.generate(**model_inputs)
         return _restore_prompt(output, prompt, pruned_length)
+
+    def _forward_frames(self, inputs: dict[str, Any]) -> Any:
+        """A ViT without a language model: run the model on the frames, pruning inside, and attach the report."""
+        entry, model = self.architecture, self.transformers_model
+        call_inputs, frames = entry.frames_inputs(inputs)
+        if frames is None or id(self) in _DISABLED.get():
+            return self.base_model(**call_inputs)
+        layout_inputs = {**call_inputs, entry.frames_argument: frames}
+        layout = entry.video_layout(model, layout_inputs)
+        last = self.stts_config.num_vision_blocks - 1
+        vision_pass = self._vision_pass(layout, entry.vision_tokens(model, layout_inputs, layout), restore_block=last)
+        with vision_pass.active():
+            output = self.base_model(**call_inputs)
+        report = self._report(layout, vision_pass, sequence=None)
+        if isinstance(output, torch.Tensor):
+            output.stts = report  # a plain tensor (e.g. timm logits) carries the report as an attribute
+        else:
+            output.stts = report
+        return output
+
+    def _vision_pass(self, layout: VideoLayout, tokens: Any, **kwargs: Any) -> VisionPruningPass:
+        return VisionPruningPass(self.architecture, self._settings(), self.scorer, layout, tokens, **kwargs)
+
+    def _report(self, layout: VideoLayout, vision_pass: VisionPruningPass, sequence: Any) -> STTSReport:
+        units = list(layout.units_per_video)
+        return STTSReport(
+            units_before=units,
+            units_after=[int(k.sum()) for k in vision_pass.keep.split(units)],
+            keep_masks=layout.split(vision_pass.keep),
+            scores=layout.split(vision_pass.scores.detach()),
+            aux_loss=vision_pass.aux_loss,
+            sequence=sequence,
+        )
 
     def _prune_inputs(self, inputs: dict[str, Any], default_padding_side: str) -> tuple[dict[str, Any], STTSReport]:
         """Run the ViT with pruning, then cut the pruned units' placeholders out of every per-token input."""
@@ -200,10 +238,7 @@ class STTSModel(nn.Module):
                 f"{expected} ({list(layout.units_per_video)} units per video); build the batch with the model's "
                 "processor so that every video has its placeholders."
             )
-        vision_pass = VisionPruningPass(
-            entry,
-            self._settings(),
-            self.scorer,
+        vision_pass = self._vision_pass(
             layout,
             entry.vision_tokens(model, inputs, layout),
             capture_blocks=entry.capture_blocks(model),
@@ -227,16 +262,7 @@ class STTSModel(nn.Module):
 
         kept_features = [f[k.to(f.device)] for f, k in zip(features, placeholder_keep)]
         model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
-        units = list(layout.units_per_video)
-        report = STTSReport(
-            units_before=units,
-            units_after=[int(k.sum()) for k in keep.split(units)],
-            keep_masks=layout.split(keep),
-            scores=layout.split(vision_pass.scores.detach()),
-            aux_loss=vision_pass.aux_loss,
-            sequence=sequence,
-        )
-        return model_inputs, report
+        return model_inputs, self._report(layout, vision_pass, sequence)
 
     # ------------------------------------------------------------------------------------------ runtime knobs
     @contextlib.contextmanager
@@ -371,8 +397,7 @@ def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: in
             biased_block = blocks[prune_layer + 1].base_layer
             attention = getattr(biased_block, entry.block_attention)
             wrap(biased_block, entry.block_attention, STTSKeyBiasAttention(attention, entry.attention_with_key_bias))
-        connectors = (entry.connector,) if isinstance(entry.connector, str) else entry.connector or ()
-        for path in connectors:
+        for path in entry.connector_paths(model):
             parent_name, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_name)
             wrap(parent, name, STTSConnector(getattr(parent, name)))
@@ -383,13 +408,15 @@ def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: in
     return injected
 
 
-def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any], entry: ArchitectureEntry) -> dict[str, Any]:
+    """Name the one positional input the base models take (input_ids, or the pixels of a ViT alone)."""
+    name = "input_ids" if entry.has_language_model else entry.pixel_argument
     if len(args) > 1:
-        raise TypeError("Pass the model inputs as keyword arguments (input_ids may be the only positional one).")
+        raise TypeError(f"Pass the model inputs as keyword arguments ({name} may be the only positional one).")
     if args:
-        if "input_ids" in kwargs:
-            raise TypeError("input_ids was given both positionally and as a keyword.")
-        kwargs = {"input_ids": args[0], **kwargs}
+        if name in kwargs:
+            raise TypeError(f"{name} was given both positionally and as a keyword.")
+        kwargs = {name: args[0], **kwargs}
     return kwargs
 
 

@@ -69,6 +69,7 @@ class ArchitectureEntry:
         image_inputs: keyword arguments that `get_image_features` needs next to the pixels (images are never
             pruned, but they are encoded by the core when videos are).
         placeholder_token: attribute of the model config holding the video placeholder token id.
+        has_language_model: False for a ViT alone (see `stts_adapter.vit.VisionOnlyViTEntry`).
     """
 
     name: ClassVar[str]
@@ -80,6 +81,7 @@ class ArchitectureEntry:
     video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
     image_inputs: ClassVar[tuple[str, ...]] = ()
     placeholder_token: ClassVar[str] = "video_token_id"
+    has_language_model: ClassVar[bool] = True
 
     # --------------------------------------------------------------------------------------------- recognition
     def matches(self, model: nn.Module) -> bool:
@@ -90,8 +92,18 @@ class ArchitectureEntry:
         """*family* The ViT's dimensions."""
         raise NotImplementedError
 
+    def model_name(self, model: nn.Module) -> str | None:
+        """The base model's Hub id or path, recorded in the adapter (transformers: `config._name_or_path`)."""
+        return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
     def get_vision_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.vision_blocks)
+
+    def connector_paths(self, model: nn.Module) -> tuple[str, ...]:
+        """Dotted paths of the modules of `model` wrapped as connectors. Default: the `connector` declaration; a
+        family whose connector count depends on the config (e.g. one DeepStack merger per tapped ViT block)
+        overrides it."""
+        return (self.connector,) if isinstance(self.connector, str) else tuple(self.connector or ())
 
     def vision_device(self, model: nn.Module) -> torch.device:
         """Device of the ViT blocks (with a device map it may differ from the LLM's)."""
@@ -156,7 +168,8 @@ class ArchitectureEntry:
         raise NotImplementedError
 
     def run_connector(self, vision_pass: Any, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """*family* Run the wrapped connector on kept tokens, returning what the model expects from it."""
+        """*family* Run the wrapped connector on kept tokens, returning what the model expects from it. (A connector
+        that reads a block before the pruning point sees every token and runs unchanged, without this call.)"""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------ the LLM

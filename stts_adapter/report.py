@@ -20,7 +20,8 @@ class STTSReport:
         scores (`list[torch.Tensor]`): per video, the `(frames, units_per_frame)` scores that chose them (detached).
         aux_loss (`torch.Tensor`, *optional*): the temporal auxiliary loss of this call (method "scorer").
         lm_loss (`torch.Tensor`, *optional*): the LM loss alone, when labels were given.
-        sequence (`SequencePruning`): how the token sequences shrank; `prune_like` applies it to other tensors.
+        sequence (`SequencePruning`, *optional*): how the token sequences shrank; `prune_like` applies it to other
+            tensors. None for a ViT without a language model.
     """
 
     units_before: list[int]
@@ -28,7 +29,7 @@ class STTSReport:
     keep_masks: list[torch.Tensor]
     scores: list[torch.Tensor]
     aux_loss: torch.Tensor | None
-    sequence: SequencePruning
+    sequence: SequencePruning | None
     lm_loss: torch.Tensor | None = None
 
     @property
@@ -39,12 +40,17 @@ class STTSReport:
     @property
     def attention_mask(self) -> torch.Tensor:
         """`(batch, pruned_seq)` attention mask of the pruned sequence the LLM saw (aligns with `out.logits`)."""
-        return self.sequence.attention_mask
+        return self._sequence().attention_mask
 
     @property
     def keep_tokens(self) -> torch.Tensor:
         """`(batch, seq)` bool, in the unpruned layout: True at the real tokens the LLM saw."""
-        return self.sequence.keep_tokens
+        return self._sequence().keep_tokens
+
+    def _sequence(self) -> SequencePruning:
+        if self.sequence is None:
+            raise AttributeError("This call had no language model: no token sequence was pruned (see keep_masks).")
+        return self.sequence
 
     def prune_like(self, tensor: torch.Tensor, pad_value: float | int) -> torch.Tensor:
         """Prune any `(..., batch, seq)` per-token tensor (e.g. your own labels) exactly as the inputs were.
@@ -56,4 +62,4 @@ class STTSReport:
         Returns:
             `torch.Tensor` aligned with `out.logits`.
         """
-        return self.sequence.prune(tensor, pad_value)
+        return self._sequence().prune(tensor, pad_value)

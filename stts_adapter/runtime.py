@@ -57,6 +57,8 @@ class VisionPruningPass:
         capture_blocks (`tuple[int, ...]`): blocks whose outputs the family reads afterwards (in `captured`, in the
             unpruned layout).
         last_block (`int`, *optional*): blocks after it are skipped (nothing reads them).
+        restore_block (`int`, *optional*): its output is scattered back to the unpruned layout, for a model whose
+            own code reads the ViT's last output (a classifier head, a vision tower's pooler).
 
     Attributes set while the ViT runs:
         scores (`(num_units,)`), keep (`(num_units,)` bool), aux_loss (scalar or None), pruned (family state after
@@ -72,9 +74,10 @@ class VisionPruningPass:
         tokens: TokenUnits,
         capture_blocks: tuple[int, ...] = (),
         last_block: int | None = None,
+        restore_block: int | None = None,
     ) -> None:
         self.entry, self.settings, self.scorer, self.layout, self.tokens = entry, settings, scorer, layout, tokens
-        self.capture_blocks, self.last_block = capture_blocks, last_block
+        self.capture_blocks, self.last_block, self.restore_block = capture_blocks, last_block, restore_block
         self.scores: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
@@ -108,18 +111,21 @@ class VisionPruningPass:
             output = block(*args, **kwargs)
             self._capture(index, output)
             hidden_states, self.pruned = self.entry.prune_tokens(self, output, kwargs)
-            return hidden_states
+            return output if index == self.restore_block else hidden_states
         if self.pruned is None:
             raise RuntimeError(f"ViT block {index} ran before block {k + 1}; STTS needs the blocks in order.")
         args, kwargs = self.entry.pruned_block_inputs(self, index, args, kwargs)
         output = block(*args, **kwargs)
-        if index in self.capture_blocks:
-            self._capture(index, self.entry.unpack_output(self, _hidden_states(output)))
+        if index in self.capture_blocks or index == self.restore_block:
+            restored = self.entry.unpack_output(self, _hidden_states(output))
+            self._capture(index, restored)
+            if index == self.restore_block:
+                return restored
         return output
 
     def run_connector(self, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if self.pruned is None:
-            raise RuntimeError("The connector ran before the pruning block; check STTSConfig.prune_layer.")
+        if self.pruned is None:  # it reads a block before the pruning point (e.g. a DeepStack merger): every token
+            return connector(*args, **kwargs)
         return self.entry.run_connector(self, connector, args, kwargs)
 
     def _capture(self, index: int, output: Any) -> None:

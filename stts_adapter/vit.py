@@ -6,6 +6,7 @@
 - `FrameBatchViTEntry`: frames as a batch `(frames, tokens, dim)` (SigLIP, CLIP, InternViT, Molmo2's ViT, timm).
   The key bias and, after pruning, the block-diagonal mask of the packed rows go in through the block's
   attention-mask argument; the layers the connector reads are scattered back to the frames layout for it.
+- `VisionOnlyViTEntry`: a frames-as-batch ViT without a language model (timm classifiers, vision towers).
 
 A family subclasses one of them and declares the rest.
 """
@@ -19,6 +20,7 @@ from torch import nn
 
 from .packing import FrameTokens, PrunedVarlen, RowPacking, VarlenTokens
 from .registry import KEY_BIAS_KWARG, ArchitectureEntry
+from .selection import VideoLayout
 
 if TYPE_CHECKING:
     from .runtime import VisionPruningPass
@@ -132,3 +134,89 @@ class FrameBatchViTEntry(ArchitectureEntry):
 
     def run_connector(self, vision_pass: VisionPruningPass, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError  # frames-as-batch families apply their connector in encode_videos
+
+
+class VisionOnlyViTEntry(FrameBatchViTEntry):
+    """A ViT without a language model (a timm classifier, a transformers vision tower).
+
+    A video is given as `(videos, frames, channels, height, width)` pixels, or as `(frames, channels, height,
+    width)` with `frames_per_video`; 4-D pixels without it are images and run untouched. Frames run through the
+    model as its usual batch; the last block's output is scattered back to the frames layout (pruned tokens hold
+    their block k+1 features), so the model's own norm, pooling and head run unchanged, per frame.
+
+    Declarations:
+        pixel_argument: the forward argument holding the pixels.
+        image_ndim: dimensions of the pixels of a batch of images (4 for `(images, 3, H, W)`); one more is a video.
+        unit_side: side, in patches, of a square pruning unit (1: every patch is a unit).
+    """
+
+    has_language_model: ClassVar[bool] = False
+    pixel_argument: ClassVar[str] = "pixel_values"
+    frames_argument: ClassVar[str] = "frames_per_video"
+    image_ndim: ClassVar[int] = 4
+    unit_side: ClassVar[int] = 1
+
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """*family* Tokens in front of the patches (CLS, registers), never pruned."""
+        raise NotImplementedError
+
+    def patch_grid(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[int, int]:
+        """Patch rows and columns of every frame of the call (default: from the pixels' height and width)."""
+        height, width = inputs[self.pixel_argument].shape[-2:]
+        patch = self.patch_size(model)
+        return height // patch, width // patch
+
+    def patch_size(self, model: nn.Module) -> int:
+        """*family* Side of a ViT patch in pixels."""
+        raise NotImplementedError
+
+    def has_videos(self, inputs: dict[str, Any]) -> bool:
+        pixels = inputs.get(self.pixel_argument)
+        if pixels is None:
+            return False
+        return pixels.dim() == self.image_ndim + 1 or inputs.get(self.frames_argument) is not None
+
+    def frames_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+        """The base model's call arguments with videos flattened to frames, and the frames of every video (None
+        when the pixels are plain images)."""
+        inputs = dict(inputs)
+        pixels = inputs.get(self.pixel_argument)
+        frames = inputs.pop(self.frames_argument, None)
+        if pixels is not None and pixels.dim() == self.image_ndim + 1:
+            frames = (pixels.shape[1],) * pixels.shape[0]
+            inputs[self.pixel_argument] = pixels.flatten(0, 1)
+        if frames is not None:
+            frames = tuple(int(f) for f in frames)
+            if pixels is not None and sum(frames) != inputs[self.pixel_argument].shape[0]:
+                raise ValueError(
+                    f"{self.frames_argument}={list(frames)} adds up to {sum(frames)} frames but the pixels hold "
+                    f"{inputs[self.pixel_argument].shape[0]}; give one count per video, in order."
+                )
+        return inputs, frames
+
+    def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
+        rows, columns = self.patch_grid(model, inputs)
+        side = self.unit_side
+        if rows % side or columns % side:
+            raise ValueError(
+                f"{type(self).__name__}.unit_side={side} does not divide the {rows}x{columns} patch grid of the "
+                "frames; choose a frame size whose grid it divides."
+            )
+        frames = inputs[self.frames_argument]
+        units = (rows // side) * (columns // side)
+        return VideoLayout(tuple(frames), (units,) * len(frames), patches_per_unit=side * side)
+
+    def vision_tokens(self, model: nn.Module, inputs: dict[str, Any], layout: VideoLayout) -> FrameTokens:
+        rows, columns = self.patch_grid(model, inputs)
+        side, prefix = self.unit_side, self.prefix_tokens(model)
+        unit_rows, unit_columns = torch.arange(rows) // side, torch.arange(columns) // side
+        unit_in_frame = (unit_rows[:, None] * (columns // side) + unit_columns[None, :]).flatten()
+        units_per_frame = layout.units_per_frame[0]
+        first_unit_of_frame = torch.arange(layout.num_frames) * units_per_frame
+        patch_units = first_unit_of_frame[:, None] + unit_in_frame[None, :]
+        token_unit = torch.cat([torch.full((layout.num_frames, prefix), -1), patch_units], dim=1).flatten()
+        return FrameTokens(
+            token_unit=token_unit.to(self.vision_device(model)),
+            num_units=layout.num_units,
+            tokens_per_frame=prefix + rows * columns,
+        )
