@@ -18,10 +18,12 @@ from stts_adapter import STTSConfig, STTSModel, apply_stts
 from stts_adapter.testing import Sample
 from stts_adapter.testing.llava_onevision import LLAVA_ONEVISION
 from stts_adapter.testing.qwen import QWEN2_5_VL, QWEN2_VL
+from stts_adapter.testing.qwen3_vl import QWEN3_VL
 
 CASES = [
     QWEN2_5_VL,
     QWEN2_VL,
+    QWEN3_VL,
     LLAVA_ONEVISION,
 ]
 
@@ -133,9 +135,11 @@ def test_exact_pruned_counts_in_the_llm_and_the_vit(case, model, ratio):
     kept_tokens = sum(out.stts.units_after) * case.vit_tokens_per_unit
     frames = sum(mask.shape[0] for mask in out.stts.keep_masks)
     (shape,) = seen
-    if case.packs_rows:  # (rows, tokens_per_frame, dim): fewer rows than frames, room for every kept token
+    if case.packs_rows:  # (rows, tokens_per_frame, dim): room for every kept token, at most one row per frame
         rows, tokens_per_frame = shape[0], shape[1]
-        assert rows < frames and rows * tokens_per_frame >= kept_tokens
+        assert rows <= frames and rows * tokens_per_frame >= kept_tokens
+        if ratio >= 0.5:  # frames keeping half their tokens or less pair up: the ViT really runs fewer rows
+            assert rows < frames
     else:  # one packed sequence of exactly the kept tokens
         assert shape[0] == kept_tokens
     for mask in out.stts.keep_masks:

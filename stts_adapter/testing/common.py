@@ -82,8 +82,8 @@ def moving_square_video(
         `torch.Tensor` of shape `(frames, 3, height, width)` in [0, 1].
     """
     generator = torch.Generator().manual_seed(seed)
-    background = torch.rand(3, height // 14, width // 14, generator=generator) * 0.5 + 0.25
-    background = background.repeat_interleave(14, 1).repeat_interleave(14, 2)
+    background = torch.rand(3, -(-height // 14), -(-width // 14), generator=generator) * 0.5 + 0.25
+    background = background.repeat_interleave(14, 1).repeat_interleave(14, 2)[:, :height, :width]
     video = background.expand(frames, 3, height, width).clone()
     for t in range(frames):
         y = (start[0] + t * step[0]) % max(1, height - square)
