@@ -1,3 +1,3 @@
 """Built-in model families, one file each. Importing this package registers them all."""
 
-from . import llava_onevision, qwen2_5_vl, qwen3_vl, timm_vit, vision_towers  # noqa: F401
+from . import llava_onevision, molmo2, qwen2_5_vl, qwen3_vl, smolvlm, timm_vit, vision_towers  # noqa: F401

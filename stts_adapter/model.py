@@ -118,6 +118,10 @@ class STTSModel(nn.Module):
         if self._injected is None:
             raise RuntimeError("This STTSModel was unloaded; apply_stts(model, config) again to use STTS.")
 
+    def _base_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` without the keywords only STTS reads."""
+        return {k: v for k, v in inputs.items() if k not in self.architecture.stts_only_inputs}
+
     def _prunes(self, inputs: dict[str, Any]) -> bool:
         return id(self) not in _DISABLED.get() and self.architecture.has_videos(inputs)
 
@@ -150,7 +154,7 @@ class STTSModel(nn.Module):
         if not self.architecture.has_language_model:
             return self._forward_frames(kwargs)
         if not self._prunes(kwargs):
-            return self.base_model(**kwargs)
+            return self.base_model(**self._base_inputs(kwargs))
         return_dict = kwargs.pop("return_dict", None)
         model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
         outputs = self.base_model(**model_inputs, return_dict=True)
@@ -180,7 +184,7 @@ class STTSModel(nn.Module):
             raise TypeError(f"{type(self.transformers_model).__name__} has no language model to generate with.")
         kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
         if not self._prunes(kwargs):
-            return self.base_model.generate(**kwargs)
+            return self.base_model.generate(**self._base_inputs(kwargs))
         prompt = kwargs["input_ids"]
         model_inputs, _ = self._prune_inputs(kwargs, default_padding_side="left")
         pruned_length = model_inputs["input_ids"].shape[1]
@@ -253,7 +257,7 @@ class STTSModel(nn.Module):
         sequence = plan_sequence_pruning(
             placeholder_mask, torch.cat(placeholder_keep), inputs.get("attention_mask"), default_padding_side
         )
-        model_inputs = {k: v for k, v in inputs.items() if k not in entry.video_inputs}
+        model_inputs = {k: v for k, v in self._base_inputs(inputs).items() if k not in entry.video_inputs}
         for name, pad_value in (("input_ids", pad_token_id(model.config)), ("labels", -100), ("mm_token_type_ids", 0)):
             if model_inputs.get(name) is not None:
                 model_inputs[name] = sequence.prune(model_inputs[name], pad_value)

@@ -69,6 +69,8 @@ class ArchitectureEntry:
         image_inputs: keyword arguments that `get_image_features` needs next to the pixels (images are never
             pruned, but they are encoded by the core when videos are).
         placeholder_token: attribute of the model config holding the video placeholder token id.
+        stts_only_inputs: keyword arguments that only STTS reads (e.g. a flag telling videos from images where the
+            model's own inputs cannot); they never reach the base model.
         has_language_model: False for a ViT alone (see `stts_adapter.vit.VisionOnlyViTEntry`).
     """
 
@@ -81,6 +83,7 @@ class ArchitectureEntry:
     video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
     image_inputs: ClassVar[tuple[str, ...]] = ()
     placeholder_token: ClassVar[str] = "video_token_id"
+    stts_only_inputs: ClassVar[tuple[str, ...]] = ()
     has_language_model: ClassVar[bool] = True
 
     # --------------------------------------------------------------------------------------------- recognition

@@ -16,8 +16,9 @@ from .errors import STTSInputError
 
 
 def pad_token_id(config) -> int:
-    """The pad token id of a (possibly composite) model config; 0 if it has none."""
-    for candidate in (config, getattr(config, "text_config", None)):
+    """The pad token id of a (possibly composite) model config: its language model's first (a composite config's
+    top-level value can be a deprecated default outside the vocabulary); 0 if it has none."""
+    for candidate in (getattr(config, "text_config", None), config):
         if getattr(candidate, "pad_token_id", None) is not None:
             return candidate.pad_token_id
     return 0

@@ -17,14 +17,18 @@ import torch
 from stts_adapter import STTSConfig, STTSModel, apply_stts
 from stts_adapter.testing import Sample
 from stts_adapter.testing.llava_onevision import LLAVA_ONEVISION
+from stts_adapter.testing.molmo2 import MOLMO2
 from stts_adapter.testing.qwen import QWEN2_5_VL, QWEN2_VL
 from stts_adapter.testing.qwen3_vl import QWEN3_VL
+from stts_adapter.testing.smolvlm import SMOLVLM
 
 CASES = [
     QWEN2_5_VL,
     QWEN2_VL,
     QWEN3_VL,
     LLAVA_ONEVISION,
+    SMOLVLM,
+    MOLMO2,
 ]
 
 
