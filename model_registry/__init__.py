@@ -1,3 +1,14 @@
 """Built-in model families, one file each. Importing this package registers them all."""
 
-from . import llava_onevision, molmo2, qwen2_5_vl, qwen3_vl, smolvlm, timm_vit, vision_towers  # noqa: F401
+from . import (  # noqa: F401
+    glm4v,
+    llava_next_video,
+    llava_onevision,
+    molmo2,
+    qwen2_5_vl,
+    qwen3_vl,
+    smolvlm,
+    timm_vit,
+    video_llava,
+    vision_towers,
+)

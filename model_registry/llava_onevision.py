@@ -53,17 +53,6 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         return side, math.ceil(side / 2)
 
-    def _feature_layers(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> list[int]:
-        layers = (inputs or {}).get("vision_feature_layer") or model.config.vision_feature_layer
-        return [layers] if isinstance(layers, int) else list(layers)
-
-    def capture_blocks(self, model: nn.Module) -> tuple[int, ...]:
-        depth = model.config.vision_config.num_hidden_layers
-        return tuple(block_of_hidden_state(layer, depth) for layer in self._feature_layers(model))
-
-    def last_block(self, model: nn.Module) -> int:
-        return max(self.capture_blocks(model))
-
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
         videos, frames = inputs["pixel_values_videos"].shape[:2]
         _, pooled = self._grid(model)
@@ -87,7 +76,7 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
         videos, frames = pixels.shape[:2]
         core.vision_tower(pixels.flatten(0, 1).to(core.vision_tower.dtype), return_dict=True)
         depth = model.config.vision_config.num_hidden_layers
-        layers = [vision_pass.captured[block_of_hidden_state(i, depth)] for i in self._feature_layers(model, inputs)]
+        layers = [vision_pass.captured[block_of_hidden_state(i, depth)] for i in self.feature_layers(model)]
         selected = torch.cat(layers, dim=-1)
         strategy = inputs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         if strategy == "default":

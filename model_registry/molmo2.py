@@ -56,26 +56,10 @@ class Molmo2Entry(FrameBatchViTEntry):
             patches_per_unit=PROCESSOR_POOLING_SIZE[0] * PROCESSOR_POOLING_SIZE[1],
         )
 
-    def feature_blocks(self, model: nn.Module) -> list[int]:
-        """The ViT blocks the adapter reads, in `adapter_config.vision_feature_layer` (concatenation) order.
-
-        `get_image_features` reads `hidden_states[layer + 1 if layer >= 0 else layer]`: a non-negative layer is a
-        block index, a negative one counts from the last block.
-        """
-        depth = model.config.vision_config.num_hidden_layers
-        return [
-            block_of_hidden_state(layer + 1 if layer >= 0 else layer, depth)
-            for layer in model.config.adapter_config.vision_feature_layer
-        ]
-
-    def connector_blocks(self, model: nn.Module) -> tuple[int, ...]:
-        return tuple(sorted(set(self.feature_blocks(model))))
-
-    def capture_blocks(self, model: nn.Module) -> tuple[int, ...]:
-        return self.connector_blocks(model)
-
-    def last_block(self, model: nn.Module) -> int:
-        return max(self.feature_blocks(model))
+    def feature_layers(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> list[int]:
+        """The `hidden_states` indices the adapter reads, in concatenation order: `get_image_features` reads
+        `hidden_states[layer + 1 if layer >= 0 else layer]` for every `adapter_config.vision_feature_layer`."""
+        return [layer + 1 if layer >= 0 else layer for layer in model.config.adapter_config.vision_feature_layer]
 
     # ------------------------------------------------------------------------------------------------ the ViT
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
@@ -138,7 +122,9 @@ class Molmo2Entry(FrameBatchViTEntry):
         # is pooled on its own, so the result of a kept window is exactly what the full call gives it.
         core = model.model
         core.vision_tower(inputs["pixel_values_videos"])
-        features = torch.cat([vision_pass.captured[block] for block in self.feature_blocks(model)], dim=-1)
+        depth = model.config.vision_config.num_hidden_layers
+        blocks = [block_of_hidden_state(layer, depth) for layer in self.feature_layers(model)]
+        features = torch.cat([vision_pass.captured[block] for block in blocks], dim=-1)
         pooling = inputs["video_token_pooling"].to(features.device)
         keep = vision_pass.keep.to(features.device)
         kept = core.multi_modal_projector(features, pooling[keep]).last_hidden_state

@@ -116,9 +116,6 @@ class SmolVLMEntry(FrameBatchViTEntry):
         is_video = inputs.get(IS_VIDEO)
         return inputs.get("pixel_values") is not None and is_video is not None and bool(torch.as_tensor(is_video).any())
 
-    def capture_blocks(self, model: nn.Module) -> tuple[int, ...]:
-        return (self.vision_spec(model).num_blocks - 1,)  # the connector reads the last block (after post_layernorm)
-
     # ------------------------------------------------------------------------------------------------ the ViT
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> SmolVLMLayout:
         pixels = inputs["pixel_values"]

@@ -66,7 +66,7 @@ class STTSModel(nn.Module):
         transformers_model = unwrap_peft(model)
         entry = find_architecture(transformers_model)
         spec = entry.vision_spec(transformers_model)
-        _check_prune_layer(config, spec)
+        _check_prune_layer(config, spec, entry.last_block(transformers_model))
         config = dataclasses.replace(
             config,
             architecture=entry.name,
@@ -233,6 +233,7 @@ class STTSModel(nn.Module):
                 "STTS needs `input_ids` to find the video placeholder tokens; pass input_ids (not inputs_embeds) "
                 "as the model's processor makes them."
             )
+        entry.validate_inputs(model, inputs)
         layout = entry.video_layout(model, inputs)
         placeholder_mask = entry.placeholder_mask(model, input_ids)
         expected = sum(len(k) for k in entry.video_placeholder_keep(layout, torch.ones(layout.num_units, dtype=bool)))
@@ -371,13 +372,19 @@ def apply_stts(model: nn.Module, config: STTSConfig | None = None) -> STTSModel:
 
 
 # ------------------------------------------------------------------------------------------------ internals
-def _check_prune_layer(config: STTSConfig, spec: VisionSpec) -> None:
+def _check_prune_layer(config: STTSConfig, spec: VisionSpec, last_read_block: int | None) -> None:
     last = spec.num_blocks - 2
     if config.prune_layer > last:
         raise STTSConfigError(
             f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: its ViT has {spec.num_blocks} "
             f"blocks and STTS scores block prune_layer and biases block prune_layer + 1, so prune_layer must be "
             f"between 0 and {last}."
+        )
+    if last_read_block is not None and config.prune_layer + 1 > last_read_block:
+        raise STTSConfigError(
+            f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: its connector reads ViT block "
+            f"{last_read_block} and the blocks after it never run, so block prune_layer + 1 (which carries the "
+            f"scorer's bias) must come no later: prune_layer must be between 0 and {last_read_block - 1}."
         )
 
 

@@ -116,6 +116,9 @@ class ArchitectureEntry:
     def has_videos(self, inputs: dict[str, Any]) -> bool:
         return inputs.get(self.video_pixels) is not None
 
+    def validate_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Refuse, with an error that says what to do, a call this family cannot prune (runs before anything else)."""
+
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
         """*family* Frames and units of every video in the batch, in placeholder order."""
         raise NotImplementedError

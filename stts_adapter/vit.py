@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from .errors import STTSInputError
 from .packing import FrameTokens, PrunedVarlen, RowPacking, VarlenTokens
 from .registry import KEY_BIAS_KWARG, ArchitectureEntry
 from .selection import VideoLayout
@@ -82,9 +83,37 @@ class FrameBatchViTEntry(ArchitectureEntry):
     block_attention: ClassVar[str | None] = None  # the bias goes through the mask: no attention wrapper
     connector: ClassVar[str | None] = None  # the family applies its connector to the scattered-back layers
 
-    def connector_blocks(self, model: nn.Module) -> tuple[int, ...]:
-        """*family* The ViT blocks whose outputs the connector reads (default: the last block)."""
-        return (self.vision_spec(model).num_blocks - 1,)
+    def feature_layers(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> list[int]:
+        """The `hidden_states` indices the connector reads: `config.vision_feature_layer` (an int or a list, the
+        LLaVA convention; -1, the last block, when the config has none).
+
+        Raises:
+            STTSInputError: if the call asks for other layers than the config: which ViT layers are kept is decided
+                from the config, before the ViT runs.
+        """
+        layers = getattr(model.config, "vision_feature_layer", -1)
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        requested = (inputs or {}).get("vision_feature_layer")
+        if requested is not None:
+            requested = [requested] if isinstance(requested, int) else list(requested)
+            if requested != layers:
+                raise STTSInputError(
+                    f"This call passes vision_feature_layer={requested} but the model config says {layers}; STTS "
+                    "decides which ViT layers to keep from the config. Set model.config.vision_feature_layer "
+                    "instead of passing it to the call."
+                )
+        return layers
+
+    def capture_blocks(self, model: nn.Module) -> tuple[int, ...]:
+        """The ViT blocks whose outputs the connector reads (`feature_layers`)."""
+        depth = self.vision_spec(model).num_blocks
+        return tuple(block_of_hidden_state(layer, depth) for layer in self.feature_layers(model))
+
+    def last_block(self, model: nn.Module) -> int:
+        return max(self.capture_blocks(model))
+
+    def validate_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        self.feature_layers(model, inputs)
 
     def _with_mask(self, args: tuple, kwargs: dict, mask: torch.Tensor) -> tuple[tuple, dict]:
         if self.mask_position is not None and len(args) > self.mask_position:

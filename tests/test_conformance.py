@@ -16,17 +16,23 @@ import torch
 
 from stts_adapter import STTSConfig, STTSModel, apply_stts
 from stts_adapter.testing import Sample
+from stts_adapter.testing.glm4v import GLM4V
+from stts_adapter.testing.llava_next_video import LLAVA_NEXT_VIDEO
 from stts_adapter.testing.llava_onevision import LLAVA_ONEVISION
 from stts_adapter.testing.molmo2 import MOLMO2
 from stts_adapter.testing.qwen import QWEN2_5_VL, QWEN2_VL
 from stts_adapter.testing.qwen3_vl import QWEN3_VL
 from stts_adapter.testing.smolvlm import SMOLVLM
+from stts_adapter.testing.video_llava import VIDEO_LLAVA
 
 CASES = [
     QWEN2_5_VL,
     QWEN2_VL,
     QWEN3_VL,
+    GLM4V,
     LLAVA_ONEVISION,
+    LLAVA_NEXT_VIDEO,
+    VIDEO_LLAVA,
     SMOLVLM,
     MOLMO2,
 ]
@@ -142,7 +148,7 @@ def test_exact_pruned_counts_in_the_llm_and_the_vit(case, model, ratio):
     if case.packs_rows:  # (rows, tokens_per_frame, dim): room for every kept token, at most one row per frame
         rows, tokens_per_frame = shape[0], shape[1]
         assert rows <= frames and rows * tokens_per_frame >= kept_tokens
-        if ratio >= 0.5:  # frames keeping half their tokens or less pair up: the ViT really runs fewer rows
+        if ratio >= 0.5:  # most frames keep at most half their tokens and pair up: the ViT really runs fewer rows
             assert rows < frames
     else:  # one packed sequence of exactly the kept tokens
         assert shape[0] == kept_tokens

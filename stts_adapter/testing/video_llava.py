@@ -1,0 +1,195 @@
+"""Tiny Video-LLaVA models and batches laid out as `VideoLlavaProcessor` (transformers 5.23) lays them out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import stts_adapter.model_registry.video_llava  # noqa: F401
+
+from ..sequence import pad_token_id
+from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig, VideoLlavaConfig
+
+    from ..model import STTSModel
+
+
+def tiny_clip_vision_config(image_size: int = 56, depth: int = 5, **overrides) -> dict:
+    """A 64-wide, 4-head CLIP vision tower of `depth` blocks on `image_size` px frames (patch 14).
+
+    Args:
+        image_size (`int`): frame side in pixels (56: a 4x4 patch grid).
+        depth (`int`): ViT blocks. With the LLaVA default `vision_feature_layer=-2` the connector reads block
+            `depth - 2`; 5 blocks leave blocks 3 (pruned, read) and 4 (skipped) after prune_layer 1.
+        **overrides: other fields of the vision config.
+    """
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=depth,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+    )
+    vision.update(overrides)
+    return vision
+
+
+def tiny_video_llava_config(
+    image_size: int = 56, depth: int = 5, vision_feature_layer: int | list[int] = -2, **vision_overrides
+) -> VideoLlavaConfig:
+    """Video-LLaVA with two 5-block, 64-wide CLIP towers (video and image) and a 2-layer Llama LLM.
+
+    Args:
+        image_size (`int`): frame side in pixels (patch 14).
+        depth (`int`): ViT blocks.
+        vision_feature_layer (`int` or `list[int]`): the `hidden_states` the connector reads (LLaVA default -2).
+        **vision_overrides: other fields of the vision config.
+    """
+    from transformers import VideoLlavaConfig
+
+    return VideoLlavaConfig(
+        vision_config=tiny_clip_vision_config(image_size, depth, **vision_overrides),
+        text_config=tiny_text_config(mrope=False, model_type="llama"),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=vision_feature_layer,
+    )
+
+
+def video_llava_video_tokens_per_frame(config: PretrainedConfig) -> int:
+    """Video placeholders per frame as `VideoLlavaProcessor.replace_video_token` counts them: every patch plus the
+    CLS token (`num_additional_image_tokens=1`; the feature-select strategy does not apply to videos)."""
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
+def video_llava_image_tokens(config: PretrainedConfig) -> int:
+    """Image placeholders as `VideoLlavaProcessor.replace_image_token` counts them: patches + 1 CLS, minus the CLS
+    again under the "default" strategy."""
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return tokens - 1 if config.vision_feature_select_strategy == "default" else tokens
+
+
+def build_video_llava_batch(
+    config: PretrainedConfig, samples: list[Sample], padding_side: str = "left", legacy_image_key: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tokenise samples the way `VideoLlavaProcessor` does.
+
+    Each video becomes `frames x (patches + 1)` `<video>` placeholders (CLS first in every frame, as the model fills
+    them), each image `patches` `<image>` placeholders (placed before the video). Videos are stacked into one
+    `pixel_values_videos` tensor `(videos, frames, 3, size, size)`, so all videos of a batch have the same frame count
+    and are `image_size` square (the processor crops them so); images go in one `(images, 3, size, size)` tensor,
+    under `pixel_values_images` as the 5.23 image processor returns them by default (`return_legacy_image_output=True`),
+    or under `pixel_values` (its non-legacy key, the model's new argument name).
+
+    Args:
+        config: the model config.
+        samples (`list[Sample]`): the batch.
+        padding_side (`str`): "left" or "right".
+        legacy_image_key (`bool`): images under `pixel_values_images` (the processor's default) or `pixel_values`.
+
+    Returns:
+        `dict`: the model's keyword arguments.
+    """
+    per_frame = video_llava_video_tokens_per_frame(config)
+
+    def placeholders(sample: Sample) -> list[int]:
+        ids = [] if sample.image is None else [config.image_token_id] * video_llava_image_tokens(config)
+        if sample.video is not None:
+            ids += [config.video_token_id] * (sample.video.shape[0] * per_frame)
+        return ids
+
+    batch = tokenize(samples, placeholders, padding_side, pad_token_id(config))
+    videos = [s.video for s in samples if s.video is not None]
+    images = [s.image for s in samples if s.image is not None]
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    if images:
+        batch["pixel_values_images" if legacy_image_key else "pixel_values"] = torch.stack(images)
+    return batch
+
+
+def video_llava_video_units(config: PretrainedConfig, frames: int, height: int, width: int) -> tuple[int, int]:
+    """(frames, units per frame) of a video: one unit per patch; the CLS placeholder of a frame is not a unit."""
+    patch = config.vision_config.patch_size
+    return frames, (height // patch) * (width // patch)
+
+
+def _case() -> FamilyCase:
+    from transformers import VideoLlavaForConditionalGeneration
+
+    return FamilyCase(
+        name="video_llava",
+        model_class=VideoLlavaForConditionalGeneration,
+        make_config=tiny_video_llava_config,
+        build_batch=build_video_llava_batch,
+        videos=((4, 56, 56), (4, 56, 56)),  # one (videos, frames, ...) tensor: same frames and size
+        units=video_llava_video_units,
+        vit_tokens_per_unit=1,
+    )
+
+
+VIDEO_LLAVA = _case()
+
+
+# ------------------------------------------------------------------------------------------------ test oracles
+def projector_inputs(model: nn.Module, call: Callable[[], Any]) -> list[torch.Tensor]:
+    """What `model.model.multi_modal_projector` receives while `call()` runs (one tensor per projector call)."""
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        call()
+    finally:
+        handle.remove()
+    return [x.detach() for x in seen]
+
+
+def masked_tower_reference(
+    stts: STTSModel, batch: dict, keep_token: torch.Tensor, token_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The projector's video input in the BARE model when ViT blocks prune_layer + 2.. cannot attend to the pruned
+    tokens (and block prune_layer + 1 adds `token_bias` to its keys): what pruning must reproduce at the kept tokens.
+
+    Built from the model's own modules: the CLIP blocks get an additive attention mask through their
+    `attention_mask` argument, nothing of stts_adapter runs (STTS is disabled).
+
+    Args:
+        stts (`STTSModel`): a Video-LLaVA or LLaVA-NeXT-Video model with STTS applied.
+        batch (`dict`): video-only inputs (the video tower's blocks must see only the videos' frames).
+        keep_token (`torch.Tensor` of shape `(frames, tokens_per_frame)`, bool): the tokens that stay, CLS included.
+        token_bias (`torch.Tensor` of shape `(frames, tokens_per_frame)`, *optional*): key bias of block
+            prune_layer + 1.
+
+    Returns:
+        `torch.Tensor`: the projector's input, in the bare model's layout.
+    """
+    model = stts.transformers_model
+    blocks = stts.architecture.get_vision_blocks(model)
+    k = stts.stts_config.prune_layer
+    frames, tokens = keep_token.shape
+    hidden_dtype = next(blocks.parameters()).dtype
+    blocked = torch.zeros(frames, 1, tokens, tokens, dtype=hidden_dtype)
+    blocked = blocked.masked_fill(~keep_token[:, None, None, :], torch.finfo(hidden_dtype).min)
+
+    def with_mask(mask):
+        return lambda module, args: (args[0], mask, *args[2:])
+
+    handles = [blocks[i].base_layer.register_forward_pre_hook(with_mask(blocked)) for i in range(k + 2, len(blocks))]
+    if token_bias is not None:
+        bias = token_bias.to(hidden_dtype).view(frames, 1, 1, tokens)
+        handles.append(blocks[k + 1].base_layer.register_forward_pre_hook(with_mask(bias)))
+    try:
+        with stts.disable_stts(), torch.no_grad():
+            (reference,) = projector_inputs(model, lambda: model(**batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reference
