@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     glm4v,
+    internvl,
     llava_next_video,
     llava_onevision,
     molmo2,

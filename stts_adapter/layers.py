@@ -71,6 +71,17 @@ class STTSKeyBiasAttention(BaseLayerWrapper):
         return self.attention_with_key_bias(self.base_layer, *args, key_bias=key_bias, **kwargs)
 
 
+class STTSMaskedAttention(BaseLayerWrapper):
+    """The self-attention of a ViT block that takes no mask itself: inside a pruning pass it receives the mask the
+    pass prepared for the running block (the key bias, then the packed rows' block-diagonal mask)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        vision_pass = active_pass()
+        if vision_pass is not None and vision_pass.attention_mask is not None:
+            kwargs = {**kwargs, "attention_mask": vision_pass.attention_mask}
+        return self.base_layer(*args, **kwargs)
+
+
 class STTSConnector(BaseLayerWrapper):
     """The connector (e.g. Qwen's patch merger): inside a pruning pass it runs on kept units only."""
 

@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .config import STTSConfig
 from .errors import STTSConfigError, STTSInputError
-from .layers import BaseLayerWrapper, STTSBlock, STTSConnector, STTSKeyBiasAttention
+from .layers import BaseLayerWrapper, STTSBlock, STTSConnector, STTSKeyBiasAttention, STTSMaskedAttention
 from .registry import ArchitectureEntry, VisionSpec, find_architecture
 from .report import STTSReport
 from .runtime import PruningSettings, VisionPruningPass
@@ -404,6 +404,9 @@ def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: in
         blocks = entry.get_vision_blocks(model)
         for index in range(len(blocks)):
             wrap(blocks, str(index), STTSBlock(blocks[index], index))
+        masked_attention = getattr(entry, "mask_attention", None)
+        for block in blocks if masked_attention else ():
+            wrap(block.base_layer, masked_attention, STTSMaskedAttention(getattr(block.base_layer, masked_attention)))
         if entry.block_attention is not None:
             biased_block = blocks[prune_layer + 1].base_layer
             attention = getattr(biased_block, entry.block_attention)

@@ -62,7 +62,8 @@ class VisionPruningPass:
 
     Attributes set while the ViT runs:
         scores (`(num_units,)`), keep (`(num_units,)` bool), aux_loss (scalar or None), pruned (family state after
-        pruning), captured (`{block: output}`).
+        pruning), captured (`{block: output}`), attention_mask (for the block running now, when its family hands
+        the mask to the block's self-attention rather than to the block).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class VisionPruningPass:
         self.token_bias: torch.Tensor | None = None
         self.pruned: Any = None
         self.captured: dict[int, torch.Tensor] = {}
+        self.attention_mask: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[VisionPruningPass]:
@@ -97,6 +99,7 @@ class VisionPruningPass:
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Run ViT block `index` (`block` is the original module) as its role in the method requires."""
         k = self.settings.prune_layer
+        self.attention_mask = None  # set again by the entry for the blocks that need one
         if self.last_block is not None and index > self.last_block:
             return args[0]  # nothing downstream reads this block
         if index <= k:

@@ -73,13 +73,17 @@ class FrameBatchViTEntry(ArchitectureEntry):
     """A ViT that runs frames as a batch and whose blocks take an additive attention mask.
 
     Declarations:
-        mask_argument: name of the blocks' attention-mask argument.
+        mask_argument: name of the blocks' attention-mask argument (None: the blocks take none, see
+            `mask_attention`).
         mask_position: its position when the model passes it positionally (None: always a keyword, or never
             passed, as with timm's `nn.Sequential` of blocks).
+        mask_attention: for blocks without a mask argument, the attribute of a block's self-attention that takes
+            `attention_mask`; it is wrapped to receive the mask from the running pass.
     """
 
-    mask_argument: ClassVar[str] = "attention_mask"
+    mask_argument: ClassVar[str | None] = "attention_mask"
     mask_position: ClassVar[int | None] = 1
+    mask_attention: ClassVar[str | None] = None
     block_attention: ClassVar[str | None] = None  # the bias goes through the mask: no attention wrapper
     connector: ClassVar[str | None] = None  # the family applies its connector to the scattered-back layers
 
@@ -114,8 +118,22 @@ class FrameBatchViTEntry(ArchitectureEntry):
 
     def validate_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> None:
         self.feature_layers(model, inputs)
+        if self.mask_attention is not None and any(
+            getattr(block, "gradient_checkpointing", False) and block.training
+            for block in (getattr(b, "base_layer", b) for b in self.get_vision_blocks(model))
+        ):
+            # A checkpointed block recomputes its forward in the backward pass, outside this call: no mask then.
+            raise STTSInputError(
+                f"STTS cannot prune {type(model).__name__}'s ViT under gradient checkpointing (its blocks take no "
+                "attention mask to recompute with); enable checkpointing on the language model only."
+            )
 
-    def _with_mask(self, args: tuple, kwargs: dict, mask: torch.Tensor) -> tuple[tuple, dict]:
+    def _with_mask(
+        self, vision_pass: VisionPruningPass, args: tuple, kwargs: dict, mask: torch.Tensor
+    ) -> tuple[tuple, dict]:
+        if self.mask_argument is None:  # the wrapped self-attention takes it from the pass
+            vision_pass.attention_mask = mask
+            return args, kwargs
         if self.mask_position is not None and len(args) > self.mask_position:
             args = (*args[: self.mask_position], mask, *args[self.mask_position + 1 :])
         else:
@@ -123,6 +141,8 @@ class FrameBatchViTEntry(ArchitectureEntry):
         return args, kwargs
 
     def _mask_of(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if self.mask_argument is None:
+            return None
         if self.mask_position is not None and len(args) > self.mask_position:
             return args[self.mask_position]
         return kwargs.get(self.mask_argument)
@@ -139,7 +159,7 @@ class FrameBatchViTEntry(ArchitectureEntry):
                 f"{type(self).__name__}: this call already passes an attention mask to the ViT blocks (padded "
                 "frames?); STTS supports full frames only here."
             )
-        return self._with_mask(args, kwargs, bias)
+        return self._with_mask(vision_pass, args, kwargs, bias)
 
     def prune_tokens(
         self, vision_pass: VisionPruningPass, block_output: torch.Tensor, block_kwargs: dict
@@ -154,7 +174,7 @@ class FrameBatchViTEntry(ArchitectureEntry):
         self, vision_pass: VisionPruningPass, block_index: int, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict]:
         packing: RowPacking = vision_pass.pruned
-        return self._with_mask(args, kwargs, packing.extras["attention_mask"])
+        return self._with_mask(vision_pass, args, kwargs, packing.extras["attention_mask"])
 
     def unpack_output(self, vision_pass: VisionPruningPass, block_output: torch.Tensor) -> torch.Tensor:
         """A pruned block's packed output, back in the frames layout (pruned tokens hold block k+1's output)."""

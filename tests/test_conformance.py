@@ -17,6 +17,7 @@ import torch
 from stts_adapter import STTSConfig, STTSModel, apply_stts
 from stts_adapter.testing import Sample
 from stts_adapter.testing.glm4v import GLM4V
+from stts_adapter.testing.internvl import INTERNVL
 from stts_adapter.testing.llava_next_video import LLAVA_NEXT_VIDEO
 from stts_adapter.testing.llava_onevision import LLAVA_ONEVISION
 from stts_adapter.testing.molmo2 import MOLMO2
@@ -34,6 +35,7 @@ CASES = [
     LLAVA_NEXT_VIDEO,
     VIDEO_LLAVA,
     SMOLVLM,
+    INTERNVL,
     MOLMO2,
 ]
 
