@@ -95,7 +95,7 @@ class FrameBatchViTEntry(ArchitectureEntry):
             STTSInputError: if the call asks for other layers than the config: which ViT layers are kept is decided
                 from the config, before the ViT runs.
         """
-        layers = getattr(model.config, "vision_feature_layer", -1)
+        layers = getattr(getattr(model, "config", None), "vision_feature_layer", -1)
         layers = [layers] if isinstance(layers, int) else list(layers)
         requested = (inputs or {}).get("vision_feature_layer")
         if requested is not None:
