@@ -39,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
-from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
 from stts_adapter.selection import VideoLayout
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
@@ -81,15 +81,8 @@ class InternVLEntry(FrameBatchViTEntry):
     mask_argument = None  # the layers take the hidden states only ...
     mask_attention = "attention"  # ... and their self-attention takes the mask
 
-    def vision_spec(self, model: nn.Module) -> VisionSpec:
-        config = model.config.vision_config
-        return VisionSpec(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            mlp_size=config.intermediate_size,
-            num_blocks=config.num_hidden_layers,
-            patches_per_unit=self.cell_side(model) ** 2,
-        )
+    def patches_per_unit(self, model: nn.Module) -> int:
+        return self.cell_side(model) ** 2
 
     def cell_side(self, model: nn.Module) -> int:
         """Side, in patches, of a pixel-shuffle cell (2 for the released `downsample_ratio` 0.5)."""

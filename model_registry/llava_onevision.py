@@ -17,7 +17,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from stts_adapter.packing import FrameTokens
-from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
 from stts_adapter.selection import VideoLayout
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
@@ -39,15 +39,8 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
     video_inputs = ("pixel_values_videos", "image_sizes_videos")
     image_inputs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy", "batch_num_images")
 
-    def vision_spec(self, model: nn.Module) -> VisionSpec:
-        config = model.config.vision_config
-        return VisionSpec(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            mlp_size=config.intermediate_size,
-            num_blocks=config.num_hidden_layers,
-            patches_per_unit=4,
-        )
+    def patches_per_unit(self, model: nn.Module) -> int:
+        return 4  # a 2x2 cell on even grids (odd grids have smaller cells at the edge)
 
     def _grid(self, model: nn.Module) -> tuple[int, int]:
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size

@@ -26,7 +26,7 @@ from torch import nn
 
 from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
-from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
 from stts_adapter.selection import VideoLayout
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
@@ -46,15 +46,8 @@ class Molmo2Entry(FrameBatchViTEntry):
     image_inputs = ("image_token_pooling", "image_grids")
     placeholder_token = "image_token_id"  # `Molmo2Model.get_placeholder_mask` fills `image_token_id` for videos too
 
-    def vision_spec(self, model: nn.Module) -> VisionSpec:
-        config = model.config.vision_config
-        return VisionSpec(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            mlp_size=config.intermediate_size,
-            num_blocks=config.num_hidden_layers,
-            patches_per_unit=PROCESSOR_POOLING_SIZE[0] * PROCESSOR_POOLING_SIZE[1],
-        )
+    def patches_per_unit(self, model: nn.Module) -> int:
+        return PROCESSOR_POOLING_SIZE[0] * PROCESSOR_POOLING_SIZE[1]  # the config does not record the pooling size
 
     def feature_layers(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> list[int]:
         """The `hidden_states` indices the adapter reads, in concatenation order: `get_image_features` reads

@@ -56,7 +56,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
-from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
 from stts_adapter.selection import VideoLayout
 from stts_adapter.vit import FrameBatchViTEntry
@@ -102,15 +102,8 @@ class SmolVLMEntry(FrameBatchViTEntry):
     stts_only_inputs = (IS_VIDEO,)
     placeholder_token = "image_token_id"  # frames and still images share it
 
-    def vision_spec(self, model: nn.Module) -> VisionSpec:
-        config = model.config.vision_config
-        return VisionSpec(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            mlp_size=config.intermediate_size,
-            num_blocks=config.num_hidden_layers,
-            patches_per_unit=model.config.scale_factor**2,
-        )
+    def patches_per_unit(self, model: nn.Module) -> int:
+        return model.config.scale_factor**2
 
     def has_videos(self, inputs: dict[str, Any]) -> bool:
         is_video = inputs.get(IS_VIDEO)

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
-from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
 from stts_adapter.selection import VideoLayout
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
@@ -63,16 +63,6 @@ class ClipVideoTowerEntry(FrameBatchViTEntry):
     def units_per_frame(self, model: nn.Module) -> int:
         """Pruning units (LLM tokens, CLS aside) of one frame."""
         return int(self.unit_of_patch(model).max()) + 1
-
-    def vision_spec(self, model: nn.Module) -> VisionSpec:
-        config = model.config.vision_config
-        return VisionSpec(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            mlp_size=config.intermediate_size,
-            num_blocks=config.num_hidden_layers,
-            patches_per_unit=self.patches_per_unit(model),
-        )
 
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
         videos, frames = inputs[self.video_pixels].shape[:2]  # one stacked tensor: every video has `frames` frames

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from stts_adapter.registry import VisionSpec, register_architecture
+from stts_adapter.registry import register_architecture
 from stts_adapter.vit import VisionOnlyViTEntry
 
 
@@ -27,15 +27,8 @@ class VisionTowerEntry(VisionOnlyViTEntry):
     vision_blocks = "encoder.layers"
     prefix: ClassVar[int] = 0
 
-    def vision_spec(self, model: nn.Module) -> VisionSpec:
-        config = model.config
-        return VisionSpec(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            mlp_size=config.intermediate_size,
-            num_blocks=config.num_hidden_layers,
-            patches_per_unit=self.unit_side**2,
-        )
+    def vision_config(self, model: nn.Module) -> Any:
+        return model.config  # a tower alone: its own config
 
     def prefix_tokens(self, model: nn.Module) -> int:
         return self.prefix

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import STTSInputError
 from .packing import FrameTokens, PrunedVarlen, RowPacking, VarlenTokens
-from .registry import KEY_BIAS_KWARG, ArchitectureEntry
+from .registry import KEY_BIAS_KWARG, ArchitectureEntry, VisionSpec
 from .selection import VideoLayout
 
 if TYPE_CHECKING:
@@ -86,6 +86,25 @@ class FrameBatchViTEntry(ArchitectureEntry):
     mask_attention: ClassVar[str | None] = None
     block_attention: ClassVar[str | None] = None  # the bias goes through the mask: no attention wrapper
     connector: ClassVar[str | None] = None  # the family applies its connector to the scattered-back layers
+
+    def vision_config(self, model: nn.Module) -> Any:
+        """The ViT's config (default: `config.vision_config` of a VLM)."""
+        return model.config.vision_config
+
+    def patches_per_unit(self, model: nn.Module) -> int:
+        """*family* ViT patches that become one LLM token (the connector's pooling cell)."""
+        raise NotImplementedError
+
+    def vision_spec(self, model: nn.Module) -> VisionSpec:
+        """From the SigLIP / CLIP field names most vision configs use."""
+        config = self.vision_config(model)
+        return VisionSpec(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            mlp_size=config.intermediate_size,
+            num_blocks=config.num_hidden_layers,
+            patches_per_unit=self.patches_per_unit(model),
+        )
 
     def feature_layers(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> list[int]:
         """The `hidden_states` indices the connector reads: `config.vision_feature_layer` (an int or a list, the
@@ -204,6 +223,9 @@ class VisionOnlyViTEntry(FrameBatchViTEntry):
     frames_argument: ClassVar[str] = "frames_per_video"
     image_ndim: ClassVar[int] = 4
     unit_side: ClassVar[int] = 1
+
+    def patches_per_unit(self, model: nn.Module) -> int:
+        return self.unit_side**2
 
     def prefix_tokens(self, model: nn.Module) -> int:
         """*family* Tokens in front of the patches (CLS, registers), never pruned."""
