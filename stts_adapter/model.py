@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -90,12 +91,24 @@ class STTSModel(nn.Module):
         self.stts_config = config
         self._entry = entry
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        self._mirror_forward_signature(model)
         self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _mirror_forward_signature(self, model: nn.Module) -> None:
+        """Give this instance's `forward` the base model's signature: tools that read it (the Trainer keeps the
+        dataset columns `forward` names) see the inputs the model takes, as with a PeftModel."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return STTSModel.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(model.forward)
+        forward.__doc__ = STTSModel.forward.__doc__
+        self.__dict__["forward"] = forward  # an instance attribute: nothing global changes
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -396,3 +396,20 @@ def test_image_only_batch_is_the_base_model_exactly(load, family):
     out = stts(**batch)
     assert torch.equal(out.logits, bare.logits)
     assert not hasattr(out, "stts")
+
+
+def test_forward_signature_is_the_base_models_so_the_trainer_keeps_the_columns(load, tmp_path):
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+
+    model = load()
+    stts = apply_stts(model, STTSConfig(prune_layer=PRUNE_LAYER))
+    assert inspect.signature(stts.forward) == inspect.signature(model.forward)
+    trainer = Trainer(model=stts, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer._set_signature_columns_if_needed()
+    assert {"input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "labels"} <= set(
+        trainer._signature_columns
+    )
+    out = stts(**two_video_batch(model))  # still STTS's forward
+    assert out.stts.units_after < out.stts.units_before
