@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.utils import ModelOutput
 
 from .config import STTSConfig
@@ -91,6 +92,7 @@ class STTSModel(nn.Module):
         self.stts_config = config
         self._entry = entry
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        self._report_hooks: dict[int, Callable[[STTSReport], None]] = {}
         self._mirror_forward_signature(model)
         self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
@@ -176,7 +178,7 @@ class STTSModel(nn.Module):
             report.lm_loss = outputs.loss
             if self.training and report.aux_loss is not None and weight > 0:
                 outputs["loss"] = outputs.loss + weight * report.aux_loss.to(outputs.loss.dtype)
-        outputs.stts = report  # an attribute, not a key: invisible to to_tuple() and the Trainer
+        outputs.stts = self._emit(report)  # an attribute, not a key: invisible to to_tuple() and the Trainer
         return outputs if return_dict is not False else outputs.to_tuple()
 
     @torch.no_grad()
@@ -199,7 +201,8 @@ class STTSModel(nn.Module):
         if not self._prunes(kwargs):
             return self.base_model.generate(**self._base_inputs(kwargs))
         prompt = kwargs["input_ids"]
-        model_inputs, _ = self._prune_inputs(kwargs, default_padding_side="left")
+        model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
+        self._emit(report)
         pruned_length = model_inputs["input_ids"].shape[1]
         output = self.base_model.generate(**model_inputs)
         return _restore_prompt(output, prompt, pruned_length)
@@ -216,7 +219,7 @@ class STTSModel(nn.Module):
         vision_pass = self._vision_pass(layout, entry.vision_tokens(model, layout_inputs, layout), restore_block=last)
         with vision_pass.active():
             output = self.base_model(**call_inputs)
-        report = self._report(layout, vision_pass, sequence=None)
+        report = self._emit(self._report(layout, vision_pass, sequence=None))
         if isinstance(output, torch.Tensor):
             output.stts = report  # a plain tensor (e.g. timm logits) carries the report as an attribute
         else:
@@ -281,6 +284,22 @@ class STTSModel(nn.Module):
         kept_features = [f[k.to(f.device)] for f, k in zip(features, placeholder_keep)]
         model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
         return model_inputs, self._report(layout, vision_pass, sequence)
+
+    def register_report_hook(self, hook: Callable[[STTSReport], None]) -> RemovableHandle:
+        """Call `hook(report)` with the `STTSReport` of every call that prunes (e.g. to log the aux loss and the
+        kept fraction from a Trainer callback, which never sees the model's outputs).
+
+        Returns:
+            `torch.utils.hooks.RemovableHandle`: `.remove()` unregisters the hook.
+        """
+        handle = RemovableHandle(self._report_hooks)
+        self._report_hooks[handle.id] = hook
+        return handle
+
+    def _emit(self, report: STTSReport) -> STTSReport:
+        for hook in list(self._report_hooks.values()):
+            hook(report)
+        return report
 
     # ------------------------------------------------------------------------------------------ runtime knobs
     @contextlib.contextmanager

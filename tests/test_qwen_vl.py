@@ -413,3 +413,18 @@ def test_forward_signature_is_the_base_models_so_the_trainer_keeps_the_columns(l
     )
     out = stts(**two_video_batch(model))  # still STTS's forward
     assert out.stts.units_after < out.stts.units_before
+
+
+def test_report_hooks_see_every_pruning_call_until_removed(load):
+    model = load()
+    stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
+    batch = two_video_batch(model)
+    seen = []
+    handle = stts.register_report_hook(seen.append)
+    out = stts(**batch)
+    stts.generate(**batch, max_new_tokens=2, do_sample=False)
+    with stts.disable_stts():
+        stts(**batch)  # nothing pruned: no report
+    handle.remove()
+    stts(**batch)
+    assert len(seen) == 2 and seen[0] is out.stts and seen[1].units_after == out.stts.units_after
