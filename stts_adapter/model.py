@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -92,7 +93,7 @@ class STTSModel(nn.Module):
         self.stts_config = config
         self._entry = entry
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
-        self._report_hooks: dict[int, Callable[[STTSReport], None]] = {}
+        self._report_hooks: OrderedDict[int, Callable[[STTSReport], None]] = OrderedDict()  # weakref-able
         self._mirror_forward_signature(model)
         self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
