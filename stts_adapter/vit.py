@@ -1,4 +1,4 @@
-"""The two kinds of ViT the supported families use, as reusable `ArchitectureEntry` bases.
+"""The kinds of ViT the supported families use, as reusable `ArchitectureEntry` bases.
 
 - `VarlenViTEntry`: all frames of a call in ONE packed sequence with `cu_seqlens` segments and rotary tables
   (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V). The key bias goes to block k+1's (wrapped) attention; after pruning,
@@ -199,9 +199,6 @@ class FrameBatchViTEntry(ArchitectureEntry):
         """A pruned block's packed output, back in the frames layout (pruned tokens hold block k+1's output)."""
         packing: RowPacking = vision_pass.pruned
         return packing.unpack(block_output, packing.extras["unpruned"])
-
-    def run_connector(self, vision_pass: VisionPruningPass, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError  # frames-as-batch families apply their connector in encode_videos
 
 
 class VisionOnlyViTEntry(FrameBatchViTEntry):
