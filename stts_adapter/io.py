@@ -33,11 +33,17 @@ def adapter_state_dict(model: STTSModel) -> dict[str, torch.Tensor]:
     """The adapter's tensors under logical names (`scorer.<name>`), never base-model module paths."""
     if model.scorer is None:
         return {}
-    return {SCORER_PREFIX + k: v.detach().contiguous() for k, v in model.scorer.state_dict().items()}
+    return {SCORER_PREFIX + k: _full_tensor(v).detach().contiguous() for k, v in model.scorer.state_dict().items()}
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (an FSDP2 scorer: a collective, every process must call it)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def save_adapter(model: STTSModel, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
     """Write config, weights and model card into `save_directory`. See `STTSModel.save_pretrained`."""
+    tensors = adapter_state_dict(model)  # on every process: gathering an FSDP-sharded scorer is a collective
     if not is_main_process:
         return
     from . import __version__
@@ -47,7 +53,7 @@ def save_adapter(model: STTSModel, save_directory: str | os.PathLike, is_main_pr
     os.makedirs(save_directory, exist_ok=True)
     config = STTSConfig.from_dict({**model.stts_config.to_dict(), "stts_adapter_version": __version__})
     config.save_pretrained(save_directory)
-    save_file(adapter_state_dict(model), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
     card_path = os.path.join(save_directory, "README.md")
     with open(card_path, "w", encoding="utf-8") as f:
         f.write(model_card(config))

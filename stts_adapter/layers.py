@@ -2,7 +2,9 @@
 
 Each keeps the original module as `base_layer` (the PEFT way) and, outside a pruning pass, simply calls it, so the
 wrapped model behaves exactly as before. The wrappers are invisible in `state_dict()` (the `base_layer.` level is
-stripped on save and re-added on load), so the base model's checkpoint keys do not change while STTS is applied.
+stripped on save and re-added on load) and in the names `named_modules()` / `named_parameters()` give, so the base
+model's checkpoint keys and module names do not change while STTS is applied (PEFT saves and loads a LoRA adapter of
+a model STTS wraps under the names of the bare model).
 `unload()` puts the original modules back.
 """
 
@@ -27,6 +29,27 @@ class BaseLayerWrapper(nn.Module):
         self.base_layer = base_layer
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        """The wrapper and `base_layer` both stand at the wrapped module's name and everything inside keeps the name
+        it has in the unwrapped model, as in `state_dict()`: tools that match module or parameter names against state
+        dict keys (PEFT's adapter saving, optimizers, FSDP) see the base model's names."""
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if self in memo:
+                return
+            memo.add(self)
+        yield prefix, self
+        yield from self.base_layer.named_modules(memo, prefix, remove_duplicate)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # `get_submodule` follows the names `named_modules` gives
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

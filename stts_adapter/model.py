@@ -108,7 +108,7 @@ class STTSModel(nn.Module):
         def forward(*args: Any, **kwargs: Any) -> Any:
             return STTSModel.forward(self, *args, **kwargs)
 
-        forward.__signature__ = inspect.signature(model.forward)
+        forward.__signature__ = inspect.signature(unwrap_peft(model).forward)  # a PeftModel's is (*args, **kwargs)
         forward.__doc__ = STTSModel.forward.__doc__
         self.__dict__["forward"] = forward  # an instance attribute: nothing global changes
 
@@ -119,6 +119,21 @@ class STTSModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> Any:
+        """The PEFT configs of the PeftModel STTS was applied on (AttributeError when it wraps no PeftModel)."""
+        return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: Any) -> None:
+        # PEFT sets this on the model it has just injected adapters into: get_peft_model(stts_model, ...) ran.
+        raise TypeError(
+            "get_peft_model() on an STTSModel is not supported: PEFT would freeze the STTS scorer and could put LoRA "
+            "layers inside it (target_modules='all-linear'). Apply LoRA first, then STTS: "
+            "model = apply_stts(get_peft_model(vlm, lora_config), stts_config). This model now holds PEFT layers: "
+            "build it again from the base model."
+        )
 
     @property
     def architecture(self) -> ArchitectureEntry:
@@ -178,7 +193,8 @@ class STTSModel(nn.Module):
         if outputs.get("loss") is not None:
             report.lm_loss = outputs.loss
             if self.training and report.aux_loss is not None and weight > 0:
-                outputs["loss"] = outputs.loss + weight * report.aux_loss.to(outputs.loss.dtype)
+                aux = weight * report.aux_loss.to(outputs.loss.dtype)
+                outputs["loss"] = outputs.loss + aux * _aux_loss_share(kwargs, outputs.loss)
         outputs.stts = self._emit(report)  # an attribute, not a key: invisible to to_tuple() and the Trainer
         return outputs if return_dict is not False else outputs.to_tuple()
 
@@ -465,6 +481,21 @@ def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any], entry: ArchitectureEn
             raise TypeError(f"{name} was given both positionally and as a keyword.")
         kwargs = {name: args[0], **kwargs}
     return kwargs
+
+
+def _aux_loss_share(inputs: dict[str, Any], loss: torch.Tensor) -> torch.Tensor | float:
+    """The share of the auxiliary loss this call adds to `loss`: 1, unless the base model's LM loss is a sum over the
+    call's label tokens divided by `num_items_in_batch` (the Trainer passes it to models that take loss keywords: the
+    label tokens of all its gradient-accumulation steps, and of all processes with `average_tokens_across_devices`,
+    which then multiplies the loss by the number of processes). The call's share of those tokens then weighs the aux
+    loss as the LM loss is weighed, so the accumulated (and DDP-averaged) gradient holds `aux_loss_weight` x the aux
+    loss once, whatever the accumulation and the number of processes."""
+    num_items = inputs.get("num_items_in_batch")
+    labels = inputs.get("labels")
+    if num_items is None or labels is None:
+        return 1.0
+    local = labels[..., 1:].ne(-100).sum()  # as the Trainer counts them for a causal LM (the unpruned labels)
+    return local.to(loss.device, loss.dtype) / torch.as_tensor(num_items, device=loss.device).to(loss.dtype)
 
 
 def _restore_prompt(output: Any, prompt: torch.Tensor, pruned_length: int) -> Any:
