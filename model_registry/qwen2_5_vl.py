@@ -16,6 +16,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
+from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import VarlenTokens, segment_ids, varlen_attention
 from stts_adapter.registry import VisionSpec, register_architecture
 from stts_adapter.runtime import VisionPruningPass
@@ -48,6 +49,13 @@ class Qwen2VLEntry(VarlenViTEntry):
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> VideoLayout:
         merge = model.config.vision_config.spatial_merge_size
         grid = inputs["video_grid_thw"].tolist()
+        for index, (_, rows, columns) in enumerate(grid):
+            if rows % merge or columns % merge:
+                raise STTSInputError(
+                    f"video_grid_thw[{index}] = {grid[index]} has {rows}x{columns} patches per frame, which the "
+                    f"{merge}x{merge} merge block (spatial_merge_size) does not divide: pass the grid the processor "
+                    "made for these pixels."
+                )
         return VideoLayout(
             frames_per_video=tuple(t for t, _, _ in grid),
             units_per_frame=tuple((h // merge) * (w // merge) for _, h, w in grid),

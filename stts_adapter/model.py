@@ -40,10 +40,16 @@ def build_scorer(config: STTSConfig, spec: VisionSpec) -> STTSScorer | None:
     """The scorer `config` asks for on a ViT of shape `spec` (None for the training-free methods)."""
     if config.method != "scorer":
         return None
+    num_heads = config.scorer_num_heads or spec.num_heads
+    if spec.hidden_size % num_heads:
+        raise STTSConfigError(
+            f"STTSConfig.scorer_num_heads={num_heads} is invalid for this model: the scorer's attention pooling "
+            f"splits the ViT width ({spec.hidden_size}) into heads, so it must be a divisor of {spec.hidden_size}."
+        )
     return STTSScorer(
         input_size=spec.hidden_size,
         hidden_size=config.scorer_hidden_size or spec.mlp_size,
-        num_heads=config.scorer_num_heads or spec.num_heads,
+        num_heads=num_heads,
     )
 
 
@@ -67,6 +73,11 @@ class STTSModel(nn.Module):
         if not isinstance(config, STTSConfig):
             raise TypeError(f"config must be an STTSConfig, got {type(config).__name__}.")
         transformers_model = unwrap_peft(model)
+        if any(isinstance(module, BaseLayerWrapper) for module in transformers_model.modules()):
+            raise TypeError(
+                "This model is still wrapped by another STTSModel (its ViT blocks are STTS wrappers). Call .unload() "
+                "on that STTSModel first, or change its ratio with .set_prune_ratio()."
+            )
         entry = find_architecture(transformers_model)
         spec = entry.vision_spec(transformers_model)
         _check_prune_layer(config, spec, entry.last_block(transformers_model))
@@ -422,18 +433,19 @@ def apply_stts(model: nn.Module, config: STTSConfig | None = None) -> STTSModel:
 
 # ------------------------------------------------------------------------------------------------ internals
 def _check_prune_layer(config: STTSConfig, spec: VisionSpec, last_read_block: int | None) -> None:
+    """Refuse a prune_layer whose bias block (prune_layer + 1) is past the last ViT block that reaches the output."""
     last = spec.num_blocks - 2
+    reason = f"its ViT has {spec.num_blocks} blocks and STTS scores block prune_layer and biases block prune_layer + 1"
+    if last_read_block is not None and last_read_block - 1 < last:
+        last = last_read_block - 1
+        reason = (
+            f"its connector reads ViT block {last_read_block} and the blocks after it never run, so block "
+            "prune_layer + 1 (which carries the scorer's bias) must come no later"
+        )
     if config.prune_layer > last:
         raise STTSConfigError(
-            f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: its ViT has {spec.num_blocks} "
-            f"blocks and STTS scores block prune_layer and biases block prune_layer + 1, so prune_layer must be "
-            f"between 0 and {last}."
-        )
-    if last_read_block is not None and config.prune_layer + 1 > last_read_block:
-        raise STTSConfigError(
-            f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: its connector reads ViT block "
-            f"{last_read_block} and the blocks after it never run, so block prune_layer + 1 (which carries the "
-            f"scorer's bias) must come no later: prune_layer must be between 0 and {last_read_block - 1}."
+            f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: {reason}, so prune_layer must "
+            f"be between 0 and {last}."
         )
 
 
@@ -446,6 +458,7 @@ def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: in
     injected: list[tuple[nn.Module, str, BaseLayerWrapper]] = []
 
     def wrap(parent: nn.Module, name: str, wrapper: BaseLayerWrapper) -> None:
+        wrapper.training = wrapper.base_layer.training  # only the wrapper's own flag: its base keeps its modes
         setattr(parent, name, wrapper)
         injected.append((parent, name, wrapper))
 

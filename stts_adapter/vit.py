@@ -266,7 +266,7 @@ class VisionOnlyViTEntry(FrameBatchViTEntry):
         rows, columns = self.patch_grid(model, inputs)
         side = self.unit_side
         if rows % side or columns % side:
-            raise ValueError(
+            raise STTSInputError(
                 f"{type(self).__name__}.unit_side={side} does not divide the {rows}x{columns} patch grid of the "
                 "frames; choose a frame size whose grid it divides."
             )
