@@ -1,5 +1,6 @@
 """The README's code is real: its worked architecture example runs and matches the built-in entry it condenses."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -43,3 +44,13 @@ def test_the_adding_an_architecture_example_prunes_like_the_builtin_entry():
         torch.testing.assert_close(actual.logits, expected.logits)
     finally:
         registry._REGISTRY.pop("my_onevision", None)
+
+
+def test_the_results_section_is_generated_from_the_benchmark_outputs():
+    """README's Results section is exactly what benchmarks/readme_results.py writes from benchmarks/results/."""
+    spec = importlib.util.spec_from_file_location("readme_results", README.parent / "benchmarks" / "readme_results.py")
+    readme_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_results)
+    section = readme_results.generated_section(README.parent / "benchmarks" / "results")
+    assert "| " in section  # the tables are there
+    assert readme_results.main(["--check"]) == 0, "run python benchmarks/readme_results.py"

@@ -1,0 +1,193 @@
+"""benchmarks/speed.py: its smoke mode writes well-formed outputs, and its analytic FLOP model is exact.
+
+The FLOP model counts the same operations `torch.utils.flop_counter.FlopCounterMode` counts (matmul, bmm and
+convolution; attention through the math SDPA backend, whose products are bmm), from the same shapes, so the two must
+agree up to float rounding: the tolerance is 1e-6 relative, and any larger gap means the model misses or misplaces a
+term (the smallest one, the LLM's lm_head at a few frames, is ~1% of the total). No timing is asserted: timings
+depend on the machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+EXACT = 1e-6  # relative: both sides count the same ops from the same shapes (see the module docstring)
+KINDS = ("forward", "generate", "train_scorer", "train_whole")
+
+
+@pytest.fixture(scope="module")
+def speed() -> ModuleType:
+    """benchmarks/speed.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("stts_speed_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their defining module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    """The output directory of `speed.py --quick` (both families, 8 frames of 112 px, one ratio, one repeat)."""
+    out = tmp_path_factory.mktemp("speed")
+    command = [sys.executable, str(BENCHMARK), "--quick", "--threads", "1", "--out", str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ smoke mode
+def test_quick_run_writes_consistent_json(quick_run: Path) -> None:
+    data = json.loads((quick_run / "speed.json").read_text())
+    assert data["settings"]["size"] == 112 and data["settings"]["prune_layer"] == 3
+    rows = data["results"]
+    assert [r["family"] for r in rows] == ["qwen2_5_vl", "llava_onevision"]
+    for row in rows:
+        assert (row["frames"], row["prune_ratio"], row["repeats"]) == (8, 0.5, 1)
+        before, after = row["video_tokens"]
+        assert after == before - before // 2  # floor(0.5 x units) pruned, the first frame fits in the rest
+        assert row["llm_tokens"][0] - row["llm_tokens"][1] == before - after  # only placeholders are cut
+        for kind in KINDS:
+            entry = row[kind]
+            assert entry["baseline_s"] > 0 and entry["stts_s"] > 0
+            assert entry["speedup"] == pytest.approx(entry["baseline_s"] / entry["stts_s"])
+            assert entry["ideal"] > 1.0
+            assert entry["of_ideal"] == pytest.approx(entry["speedup"] / entry["ideal"])
+            assert 1.0 < entry["executed_flops_speedup"] <= entry["ideal"] * (1 + EXACT)
+        memory = row["peak_memory_mib"]
+        assert memory["baseline"] > 0 and memory["stts"] > 0 and memory["peak_reset"]
+        assert 0 < row["scorer"]["forward_fraction"] < 1 and 0 < row["scorer"]["train_fraction"] < 1
+        assert 0 < row["scorer"]["flops_fraction"] < 0.1
+        check = row["flop_check"]
+        assert check["baseline_analytic_over_counted"] == pytest.approx(1.0, rel=EXACT)
+        assert check["stts_executed_analytic_over_counted"] == pytest.approx(1.0, rel=EXACT)
+
+
+def test_quick_run_writes_markdown_and_plot(quick_run: Path) -> None:
+    text = (quick_run / "speed.md").read_text()
+    assert text.count("\n#### ") == 2 and "\n# " not in text  # a section per family, embeddable under README's ###
+    assert "Qwen2.5-VL-style" in text and "LLaVA-OneVision-style" in text
+    assert "peak RSS" in text and "Targets:" in text
+    table_rows = [line for line in text.splitlines() if line.startswith("| 8 | 50% |")]
+    assert len(table_rows) == 2 * 3  # per family: speed-ups, times, FLOP check
+    png = (quick_run / "speed.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+# ------------------------------------------------------------------------------------------------ FLOP model
+def build(speed: ModuleType, family_name: str, size: int) -> tuple[Any, Any, Any]:
+    family = speed.FAMILIES[family_name]
+    config = family.make_config(size)
+    args = speed.parse_args(["--size", str(size)])
+    return family, config, speed.new_model(family, config, args)
+
+
+def analytic(speed: ModuleType, family: Any, config: Any, report: Any, length: int, size: int, **kwargs: Any):
+    """(baseline, STTS as executed) FlopCounts for the kept units of `report`."""
+    rows, columns = family.unit_grid(config, size)
+    keep = report.keep_masks[0].reshape(-1, rows, columns)
+    pruned = report.units_before[0] - report.units_after[0]
+    base = family.flops(config, torch.ones_like(keep), length, 3)
+    stts = family.flops(config, keep, length - pruned, 3, **kwargs)
+    return base, stts
+
+
+# Geometries whose segments are uneven: Qwen at 168 px has 6x6 units per slot, so windows of 4x4, 4x2, 2x4 and 2x2
+# units (and block prune_layer + 1 pads them); LLaVA-OneVision at 70 px has a 5x5 patch grid, whose 3x3 units hold
+# 4, 2 or 1 patches; 112 px gives even grids.
+GEOMETRIES = [("qwen2_5_vl", 112), ("qwen2_5_vl", 168), ("llava_onevision", 70), ("llava_onevision", 112)]
+
+
+@pytest.mark.parametrize(("family_name", "size"), GEOMETRIES)
+def test_forward_flops_match_flop_counter(speed: ModuleType, family_name: str, size: int) -> None:
+    family, config, model = build(speed, family_name, size)
+    model.eval()
+    batch = family.batch(config, 4, size, answer=True)
+    forward = speed.forward_step(model, batch)
+    counted_base = speed.counted_flops(speed.bare(model, forward))
+    model.set_prune_ratio(0.5)
+    outputs = []
+    counted_stts = speed.counted_flops(lambda: outputs.append(forward()))
+    hidden = model.scorer.hidden_size
+    base, executed = analytic(
+        speed, family, config, outputs[0].stts, batch["input_ids"].shape[1], size, scorer_hidden=hidden, executed=True
+    )
+    assert base.forward() == pytest.approx(counted_base, rel=EXACT)
+    assert executed.forward() == pytest.approx(counted_stts, rel=EXACT)
+
+
+@pytest.mark.parametrize(("family_name", "size"), [("qwen2_5_vl", 168), ("llava_onevision", 70)])
+def test_training_flops_match_flop_counter(speed: ModuleType, family_name: str, size: int) -> None:
+    """Forward + backward of both training modes, baseline and STTS: the backward multipliers of
+    `FlopCount.train_step` (including block prune_layer + 1 reached only through the key bias) are exact."""
+    family, config, model = build(speed, family_name, size)
+    batch = family.batch(config, 4, size, answer=True)
+    model.eval()
+    report = speed.pruned_forward(model, batch, 0.5, count=False)[0]
+    hidden = model.scorer.hidden_size
+    length = batch["input_ids"].shape[1]
+    base, stts = analytic(speed, family, config, report, length, size, scorer_hidden=hidden, executed=True)
+    model.train()
+    step = speed.train_step(model, batch)
+    assert base.train_step(False) == pytest.approx(speed.counted_flops(speed.gradient_probe(model, step)), rel=EXACT)
+    assert stts.train_step(False) == pytest.approx(speed.counted_flops(step), rel=EXACT)
+    model = speed.rewrap(model, train_base_model=True)
+    step = speed.train_step(model, batch)
+    assert base.train_step(True) == pytest.approx(speed.counted_flops(speed.bare(model, step)), rel=EXACT)
+    assert stts.train_step(True) == pytest.approx(speed.counted_flops(step), rel=EXACT)
+
+
+def synthetic_keep(frames: int, rows: int, columns: int, ratio: float, seed: int = 0) -> torch.Tensor:
+    """A kept-unit mask as STTS makes it: the first frame whole, floor(ratio x units) of the others pruned."""
+    units = frames * rows * columns
+    order = torch.randperm(units - rows * columns, generator=torch.Generator().manual_seed(seed)) + rows * columns
+    keep = torch.ones(units, dtype=torch.bool)
+    keep[order[: int(ratio * units)]] = False
+    return keep.reshape(frames, rows, columns)
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "llava_onevision"])
+def test_stts_flops_fall_with_the_ratio_and_equal_baseline_plus_scorer_at_zero(
+    speed: ModuleType, family_name: str
+) -> None:
+    family = speed.FAMILIES[family_name]
+    config = family.make_config(224)
+    rows, columns = family.unit_grid(config, 224)
+    frames, length, hidden = 16, 2000, 512
+    base = family.flops(config, synthetic_keep(frames, rows, columns, 0.0), length, 3)
+    previous = None
+    for ratio in (0.0, 0.3, 0.5, 0.8):
+        keep = synthetic_keep(frames, rows, columns, ratio)
+        pruned = keep.numel() - int(keep.sum())
+        ideal = family.flops(config, keep, length - pruned, 3, scorer_hidden=hidden)
+        executed = family.flops(config, keep, length - pruned, 3, scorer_hidden=hidden, executed=True)
+        scorer = ideal.scorer + ideal.scorer_input
+        assert scorer > 0 and base.scorer + base.scorer_input == 0
+        assert executed.forward() >= ideal.forward()
+        if ratio == 0:  # nothing pruned: the baseline's work plus the scorer's, exactly
+            assert ideal.forward() == pytest.approx(base.forward() + scorer, rel=EXACT)
+            assert executed.forward() == pytest.approx(ideal.forward(), rel=EXACT)  # 224 px: even windows and rows
+        else:
+            assert ideal.forward() < base.forward()
+            assert ideal.forward() < previous.forward()
+            for whole_model in (False, True):
+                assert ideal.train_step(whole_model) < base.train_step(whole_model)
+        # Blocks 0..prune_layer+1, the patch embedding and the scorer never shrink.
+        assert (ideal.patch_embed, ideal.vit_head, ideal.bias_block) == (
+            base.patch_embed,
+            base.vit_head,
+            base.bias_block,
+        )
+        previous = ideal
