@@ -114,7 +114,7 @@ def select_units(
 ) -> torch.Tensor:
     """Keep the highest-scoring units of every video, across all of its frames (a hard sort, no gradient).
 
-    Ties are broken by position (earlier units first), so the kept set is deterministic.
+    Among equal scores the earlier units are pruned first, so the kept set is deterministic.
 
     Args:
         scores (`torch.Tensor` of shape `(num_units,)`): higher = keep.

@@ -1,0 +1,89 @@
+"""benchmarks/video_qa.py: the synthetic video-QA generator, and its --quick mode end to end (train, evaluate,
+write the outputs)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "video_qa.py"
+
+
+@pytest.fixture(scope="module")
+def video_qa():
+    spec = importlib.util.spec_from_file_location("video_qa", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["video_qa"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("video_qa", None)
+
+
+def test_every_question_has_at_least_four_answers_so_chance_is_at_most_25_percent(video_qa):
+    for question in range(len(video_qa.QUESTION_TYPES)):
+        candidates = video_qa.candidate_tokens(question)
+        assert len(set(candidates)) >= 4
+        others = {t for q in range(len(video_qa.QUESTION_TYPES)) if q != question for t in video_qa.candidate_tokens(q)}
+        assert not others & set(candidates)
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_clips_are_deterministic_and_change_only_after_the_first_slot(video_qa, long):
+    settings = video_qa.LONG_VIDEO if long else video_qa.VideoSettings()
+    clips = video_qa.clip_set("test", 8, settings)
+    again = video_qa.clip_set("test", 8, settings)
+    slots, units = settings.frames // 2, (settings.side // video_qa.CELL) ** 2
+    assert [c.question for c in clips] == [0, 1, 2, 3] * 2  # balanced over question types
+    for clip, same in zip(clips, again):
+        assert torch.equal(clip.video, same.video) and clip.answer == same.answer
+        assert clip.video.shape == (settings.frames, 3, settings.side, settings.side)
+        assert clip.changed.shape == (slots, units)
+        assert not clip.changed[0].any()  # the first slot (always kept by STTS) holds no event
+        assert 0 < clip.changed.sum() <= clip.changed.numel() // 4  # a small changing part
+    assert not torch.equal(clips[0].video, video_qa.clip_set("val", 1, settings)[0].video)
+
+
+def test_frame_subsampling_keeps_every_kth_slot_for_the_token_budget(video_qa):
+    video = torch.arange(16.0)[:, None, None, None].expand(16, 3, 84, 84)
+    frames, seconds = video_qa.view(video, video_qa.ROWS["subsample-50"])
+    assert frames[:, 0, 0, 0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13] and seconds == 2
+    frames, seconds = video_qa.view(video, video_qa.ROWS["subsample-80"])
+    assert frames[:, 0, 0, 0].tolist() == [0, 1, 10, 11] and seconds == 5
+    frames, seconds = video_qa.view(video, video_qa.ROWS["long-baseline"])
+    assert frames[:, 0, 0, 0].tolist() == list(range(0, 16, 2)) and seconds == 2
+
+
+def test_quick_mode_trains_models_that_learn_and_writes_every_output(video_qa, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        report = video_qa.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets torch's process-wide thread count
+
+    written = json.loads((tmp_path / "video_qa.json").read_text())
+    assert written["quick"] is True and written["summary"] == report["summary"]
+    runs = {run["row"]: run for run in written["runs"]}
+    assert set(runs) == {"baseline", "stts-50"}
+    # The unpruned model sees 8 slots x 9 units; STTS-50% exactly half of them.
+    assert runs["baseline"]["video_tokens"] == 72 and runs["stts-50"]["video_tokens"] == 36
+    for run in runs.values():
+        # 4 answers per question: chance is 25% (96 clips: +-4.4 points). The short quick training reaches about
+        # 40% overall, and the colour question (the first one learned) about 75%.
+        assert run["accuracy"] >= 33, run
+        assert run["accuracy_per_type"]["colour"] >= 50, run
+    assert runs["stts-50"]["aux_loss_last"] < runs["stts-50"]["aux_loss_first"] / 2  # the scorer learned
+    assert 0 < runs["stts-50"]["recall"] <= 100
+
+    table = (tmp_path / "video_qa.md").read_text()
+    (tmp_path / "video_qa.md").unlink()
+    video_qa.main(["--render", "--out", str(tmp_path)])  # the table and plot come back from the JSON alone
+    assert (tmp_path / "video_qa.md").read_text() == table
+    assert "| baseline | 72.0 |" in table and "| stts-50 | 36.0 |" in table
+    assert "STTS-50% within 1 point of the baseline" in table and "cores" in table
+    for picture in ("video_qa.png", "kept_units.png"):
+        with Image.open(tmp_path / picture) as image:
+            assert image.format == "PNG" and min(image.size) > 100
