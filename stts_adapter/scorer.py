@@ -80,7 +80,11 @@ class STTSScorer(nn.Module):
                 nn.init.zeros_(parameter)
 
     def forward(
-        self, unit_patches: torch.Tensor, previous_unit: torch.Tensor, patch_mask: torch.Tensor | None = None
+        self,
+        unit_patches: torch.Tensor,
+        previous_unit: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        output_logits: bool = False,
     ) -> torch.Tensor:
         """Score the units.
 
@@ -91,9 +95,12 @@ class STTSScorer(nn.Module):
                 same video, -1 on first frames.
             patch_mask (`torch.Tensor` of shape `(num_units, patches_per_unit)`, *optional*): False at padding slots
                 (units of different sizes); None when every unit has all its patches.
+            output_logits (`bool`): return the logits before the sigmoid instead. They rank the units like the
+                scores, without the ties of a saturated sigmoid (in float32 every logit below about -17 or above
+                about 17 gives the same score), so selection uses them.
 
         Returns:
-            `torch.Tensor` of shape `(num_units,)`: scores in (0, 1), in the scorer's dtype.
+            `torch.Tensor` of shape `(num_units,)`: scores in (0, 1) (or logits), in the scorer's dtype.
         """
         dtype = self.mlp[0].weight.dtype
         if patch_mask is not None and bool(patch_mask.all()):
@@ -102,7 +109,7 @@ class STTSScorer(nn.Module):
         has_previous = (previous_unit >= 0).unsqueeze(-1)
         previous = torch.where(has_previous, current[previous_unit.clamp(min=0)], torch.zeros_like(current))
         logits = self.mlp(torch.cat([previous, current], dim=-1)).squeeze(-1)
-        return torch.sigmoid(logits)
+        return logits if output_logits else torch.sigmoid(logits)
 
 
 def soft_key_bias(scores: torch.Tensor, frame_of_unit: torch.Tensor, is_first_frame: torch.Tensor, bias_min: float):

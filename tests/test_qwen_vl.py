@@ -203,6 +203,31 @@ def test_kept_set_is_text_free_and_deterministic_in_eval(load):
     assert torch.equal(again, first)
 
 
+def test_a_saturated_scorer_still_selects_by_its_logits(load):
+    """Scaling and shifting the scorer's last layer keeps the order of its logits but saturates the sigmoid (every
+    score exactly 0.0 in float32): the kept set must not change (sorting the tied scores would keep the last units
+    of every video, by position)."""
+    model = load()
+    stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
+    batch = two_video_batch(model)
+    before = stts(**batch).stts
+    last = stts.scorer.mlp[-1]
+    with torch.no_grad():
+        last.weight.mul_(1000.0)
+        last.bias.mul_(1000.0).sub_(1e6)
+    after = stts(**batch).stts
+    assert all(bool((scores == 0).all()) for scores in after.scores)  # saturated: all tied
+    for kept_before, kept_after in zip(before.keep_masks, after.keep_masks):
+        assert torch.equal(kept_after, kept_before)
+
+    # ... and is not the positional choice that sorting tied scores makes (the earliest prunable units go first).
+    def positional(kept):
+        prunable = kept[1:].flatten()
+        return torch.arange(len(prunable)) >= len(prunable) - int(prunable.sum())
+
+    assert not torch.equal(before.keep_masks[0][1:].flatten(), positional(before.keep_masks[0]))
+
+
 # --------------------------------------------------------------------------------------------- generation
 def test_generate_with_return_dict_and_several_sequences(load):
     model = load()

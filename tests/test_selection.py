@@ -583,6 +583,16 @@ def test_scorer_output_shape_and_range():
     assert bool(((scores >= 0) & (scores <= 1)).all())
 
 
+def test_scorer_logits_are_the_scores_before_the_sigmoid():
+    scorer = make_scorer()
+    patches = torch.randn(LAYOUT.num_units, P, D)
+    with torch.no_grad():
+        logits = scorer(patches, LAYOUT.previous_unit, output_logits=True)
+        scores = scorer(patches, LAYOUT.previous_unit)
+    torch.testing.assert_close(torch.sigmoid(logits), scores)
+    assert bool(((logits < 0) | (logits > 1)).any())  # not the scores themselves
+
+
 def test_scorer_first_frame_pairs_with_zeros_and_others_with_previous_frame():
     """score = sigmoid(MLP([prev, curr])), prev = zeros on each video's first frame."""
     scorer = make_scorer(1)
