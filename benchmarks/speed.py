@@ -70,6 +70,12 @@ KIND_TITLES = {
     "train_scorer": "train step, scorer only",
     "train_whole": "train step, whole model",
 }
+KIND_COLUMNS = {
+    "forward": "forward",
+    "generate": f"generate {NEW_TOKENS}",
+    "train_scorer": "train, scorer only",
+    "train_whole": "train, whole model",
+}
 
 
 # ================================================================================================ model families
@@ -879,12 +885,21 @@ def memory_cell(row: dict) -> str:
     return f"{memory['baseline']:.0f} -> {memory['stts']:.0f} ({memory['baseline'] / memory['stts']:.2f}x)"
 
 
+def table_header(*columns: str) -> list[str]:
+    """A markdown table's header line and separator line."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def speedup_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| frames | prune ratio | video tokens | LLM tokens | forward | generate 16 | train, scorer only "
-        "| train, whole model | peak memory, train step (MiB) | scorer (fwd / train) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        "frames",
+        "prune ratio",
+        "video tokens",
+        "LLM tokens",
+        *(KIND_COLUMNS[kind] for kind in KINDS),
+        "peak memory, train step (MiB)",
+        "scorer (fwd / train)",
+    )
     for r in rows:
         scorer = r["scorer"]
         lines.append(
@@ -897,11 +912,14 @@ def speedup_table(rows: list[dict]) -> list[str]:
 
 
 def times_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| frames | prune ratio | repeats | forward (ms) | generate 16 (ms) | train, scorer only (ms) "
-        "| train, whole model (ms) | FLOP speed-up as executed (fwd / train) | STTS at ratio 0 (fwd) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        "frames",
+        "prune ratio",
+        "repeats",
+        *(f"{KIND_COLUMNS[kind]} (ms)" for kind in KINDS),
+        "FLOP speed-up as executed (fwd / train)",
+        "STTS at ratio 0 (fwd)",
+    )
     for r in rows:
         times = [f"{r[k]['baseline_s'] * 1000:.0f} -> {r[k]['stts_s'] * 1000:.0f}" for k in KINDS]
         executed = f"{r['forward']['executed_flops_speedup']:.2f}x / {r['train_whole']['executed_flops_speedup']:.2f}x"
@@ -914,11 +932,15 @@ def times_table(rows: list[dict]) -> list[str]:
 
 
 def flop_check_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| frames | prune ratio | baseline GFLOP (analytic) | baseline analytic / counted "
-        "| STTS GFLOP ideal / as executed | STTS as executed: analytic / counted | scorer share of baseline FLOPs |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        "frames",
+        "prune ratio",
+        "baseline GFLOP (analytic)",
+        "baseline analytic / counted",
+        "STTS GFLOP ideal / as executed",
+        "STTS as executed: analytic / counted",
+        "scorer share of baseline FLOPs",
+    )
 
     def ratio(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"

@@ -393,8 +393,6 @@ def optimizer_for(model: torch.nn.Module, peak_lr: float, train: TrainSettings) 
         groups = stts_parameter_groups(model, scorer_lr=train.scorer_lr, lr=peak_lr, weight_decay=train.weight_decay)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": peak_lr}]
-    for group in groups:
-        group["peak_lr"] = group["lr"]
     return torch.optim.AdamW(groups, lr=peak_lr, weight_decay=train.weight_decay)
 
 
@@ -414,18 +412,18 @@ def train_steps(
         The loss of every step, and STTS's temporal aux loss of every step (empty without a scorer).
     """
     optimizer = optimizer_for(model, peak_lr, train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps, train.warmup))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     losses: list[float] = []
     aux_losses: list[float] = []
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * schedule(step, steps, train.warmup)
         batch = build_batch(model.config, [next(stream) for _ in range(train.batch_size)], row)
         out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         report = getattr(out, "stts", None)

@@ -141,8 +141,11 @@ class VisionPruningPass:
         unit_patches, patch_mask = self.tokens.gather_units(hidden_states.reshape(-1, hidden_states.shape[-1]))
         previous_unit = layout.previous_unit.to(unit_patches.device)
         if settings.method == "scorer":
-            logits = self.scorer(unit_patches, previous_unit, patch_mask, output_logits=True)
-            scores = torch.sigmoid(logits)
+            # Selection sorts the logits: they rank units like the scores, without the ties of a saturated sigmoid
+            # (a trained scorer's static units often all score exactly 0.0 in float32, and sorting those would fall
+            # back to their position).
+            ranking = self.scorer(unit_patches, previous_unit, patch_mask, output_logits=True)
+            scores = torch.sigmoid(ranking)
             self.aux_loss = temporal_aux_loss(scores, unit_patches, previous_unit, settings.detach_aux_target)
             unit_bias = soft_key_bias(
                 scores,
@@ -152,14 +155,11 @@ class VisionPruningPass:
             )
             self.token_bias = self.tokens.per_token(unit_bias)
         elif settings.method == "similarity":
-            scores = similarity_scores(unit_patches.detach(), layout)
+            scores = ranking = similarity_scores(unit_patches.detach(), layout)
         else:
             seed = None if settings.training else settings.seed
-            scores = random_scores(layout, seed, device=unit_patches.device)
+            scores = ranking = random_scores(layout, seed, device=unit_patches.device)
         self.scores = scores
-        # The logits rank units like the scores, without the ties of a saturated sigmoid (a trained scorer's static
-        # units often all score exactly 0.0 in float32; sorting those would fall back to their position).
-        ranking = logits if settings.method == "scorer" else scores
         self.keep = select_units(ranking, layout, settings.prune_ratio, settings.keep_first_frame)
 
 
