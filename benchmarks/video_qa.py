@@ -24,19 +24,22 @@ fraction of tokens removed) and kept_units.png (kept units of the trained STTS-5
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_model, save_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from stts_adapter import STTSConfig, apply_stts
@@ -49,7 +52,7 @@ from stts_adapter.testing import (
     tiny_qwen2_5_vl_config,
     tiny_text_config,
 )
-from stts_adapter.training import stts_parameter_groups
+from stts_adapter.training import scorer_grad_norm, stts_parameter_groups
 
 # ----------------------------------------------------------------------------------------------- the task
 QUESTION_TYPES = ("colour", "direction", "count", "corner")
@@ -65,7 +68,6 @@ PREFIX = [BOS, 11, 12]
 QUESTION_TOKEN = 30  # + question type index, between two fixed tokens
 ANSWER_TOKEN = 100  # + 10 x question type + answer index
 CELL = 28  # pixels of one unit side (14 px patches, 2x2 merge): every object sits inside one unit
-OBJECT = 28  # side of a drawn object, centred in its cell
 SLOT = 2  # frames per temporal slot (Qwen's temporal patch)
 # The processor's normalisation (OpenAI CLIP mean and std, as Qwen2.5-VL's image processor uses).
 PIXEL_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
@@ -99,6 +101,12 @@ class VideoSettings:
             (the long set: events happen on any frame).
         flash (`int`): steps a flash lasts.
         noise (`float`): std of the per-frame sensor noise added to every pixel.
+        object_side (`int`): side in pixels of the squares the questions are about (at most CELL: every object sits
+            inside one unit).
+        screens (`int`): distractors: cells (chosen among those the question's event leaves alone) that show a new
+            random high-contrast picture on every frame, like a TV in the room or leaves in the wind. They change
+            more, and in more units, than anything the question is about; at 50% pruning a rule that keeps what
+            changes most cannot keep them all and the answer too.
     """
 
     frames: int = 16
@@ -106,6 +114,8 @@ class VideoSettings:
     tick: int = 2
     flash: int = 2
     noise: float = 0.02
+    object_side: int = CELL
+    screens: int = 0
 
     @property
     def steps(self) -> int:
@@ -145,11 +155,13 @@ def textured_background(settings: VideoSettings, generator: torch.Generator) -> 
     return texture.repeat_interleave(14, 1).repeat_interleave(14, 2)
 
 
-def draw(video: torch.Tensor, step_frames: range, cell: tuple[int, int], color: tuple[float, float, float]) -> None:
-    """Paint an OBJECT-sized square centred in `cell` on the frames of `step_frames`, in place."""
-    margin = (CELL - OBJECT) // 2
+def draw(
+    video: torch.Tensor, step_frames: range, cell: tuple[int, int], color: tuple[float, float, float], side: int
+) -> None:
+    """Paint a square of `side` pixels centred in `cell` on the frames of `step_frames`, in place."""
+    margin = (CELL - side) // 2
     top, left = cell[0] * CELL + margin, cell[1] * CELL + margin
-    video[step_frames.start : step_frames.stop, :, top : top + OBJECT, left : left + OBJECT] = torch.tensor(color)[
+    video[step_frames.start : step_frames.stop, :, top : top + side, left : left + side] = torch.tensor(color)[
         :, None, None
     ]
 
@@ -175,7 +187,7 @@ def add_colour_event(video: torch.Tensor, rng: random.Random, settings: VideoSet
     """A square of one of the palette colours appears in a random cell and stays."""
     colour = rng.randrange(len(PALETTE))
     cell = (rng.randrange(settings.cells), rng.randrange(settings.cells))
-    draw(video, frames_of(settings, start_step(rng, settings)), cell, PALETTE[colour])
+    draw(video, frames_of(settings, start_step(rng, settings)), cell, PALETTE[colour], settings.object_side)
     return colour
 
 
@@ -184,8 +196,14 @@ def add_direction_event(video: torch.Tensor, rng: random.Random, settings: Video
     direction = rng.randrange(len(MOVES))
     centre, colour = settings.cells // 2, random_colour(rng)
     start = start_step(rng, settings, room=2)
-    draw(video, frames_of(settings, start, start + 1), (centre, centre), colour)
-    draw(video, frames_of(settings, start + 1), (centre + MOVES[direction][0], centre + MOVES[direction][1]), colour)
+    draw(video, frames_of(settings, start, start + 1), (centre, centre), colour, settings.object_side)
+    draw(
+        video,
+        frames_of(settings, start + 1),
+        (centre + MOVES[direction][0], centre + MOVES[direction][1]),
+        colour,
+        settings.object_side,
+    )
     return direction
 
 
@@ -195,7 +213,7 @@ def add_count_event(video: torch.Tensor, rng: random.Random, settings: VideoSett
     cells = rng.sample([(r, c) for r in range(settings.cells) for c in range(settings.cells)], count + 1)
     for cell in cells:
         start = start_step(rng, settings, room=settings.flash)
-        draw(video, frames_of(settings, start, start + settings.flash), cell, random_colour(rng))
+        draw(video, frames_of(settings, start, start + settings.flash), cell, random_colour(rng), settings.object_side)
     return count
 
 
@@ -204,7 +222,7 @@ def add_corner_event(video: torch.Tensor, rng: random.Random, settings: VideoSet
     corner = rng.randrange(4)
     last = settings.cells - 1
     cell = ((corner // 2) * last, (corner % 2) * last)
-    draw(video, frames_of(settings, start_step(rng, settings)), cell, random_colour(rng))
+    draw(video, frames_of(settings, start_step(rng, settings)), cell, random_colour(rng), settings.object_side)
     return corner
 
 
@@ -220,6 +238,15 @@ def changed_units(clean: torch.Tensor) -> torch.Tensor:
     return changed.flatten(1)
 
 
+def add_screens(video: torch.Tensor, cells: list[tuple[int, int]], generator: torch.Generator) -> None:
+    """A new random picture (14 px blocks of any colour) in each of `cells` on every frame, in place."""
+    frames = video.shape[0]
+    for row, column in cells:
+        blocks = torch.rand(frames, 3, CELL // 14, CELL // 14, generator=generator)
+        picture = blocks.repeat_interleave(14, 2).repeat_interleave(14, 3)
+        video[:, :, row * CELL : (row + 1) * CELL, column * CELL : (column + 1) * CELL] = picture
+
+
 def make_clip(name: str, settings: VideoSettings, question: int | None = None) -> Clip:
     """The clip called `name` (deterministic: the same name always gives the same clip)."""
     rng = random.Random(name)
@@ -227,8 +254,13 @@ def make_clip(name: str, settings: VideoSettings, question: int | None = None) -
     question = rng.randrange(len(QUESTION_TYPES)) if question is None else question
     clean = textured_background(settings, generator).expand(settings.frames, -1, -1, -1).clone()
     answer = EVENTS[question](clean, rng, settings)
+    changed = changed_units(clean)  # what the question is about (the screens are not)
+    if settings.screens:
+        used = changed.any(dim=0).view(settings.cells, settings.cells)
+        free = [(r, c) for r in range(settings.cells) for c in range(settings.cells) if not used[r, c]]
+        add_screens(clean, rng.sample(free, min(settings.screens, len(free))), generator)
     noise = torch.randn(clean.shape, generator=generator) * settings.noise
-    return Clip((clean + noise).clamp(0, 1), question, answer, changed_units(clean))
+    return Clip((clean + noise).clamp(0, 1), question, answer, changed)
 
 
 def clip_stream(split: str, seed: int, settings: VideoSettings) -> Iterator[Clip]:
@@ -244,30 +276,50 @@ def clip_set(split: str, size: int, settings: VideoSettings) -> list[Clip]:
     return [make_clip(f"{split}/{settings}/{i}", settings, i % len(QUESTION_TYPES)) for i in range(size)]
 
 
-# ----------------------------------------------------------------------------------------------- rows
+# ----------------------------------------------------------------------------------------------- tasks and rows
+TASKS = {
+    # A static scene: the units that change are exactly the answer's (the training-free rule's best case).
+    "static": VideoSettings(),
+    # Small objects and 4 flickering screens: the screens change more than the answer does, in more units than half
+    # the budget leaves after the answer's, so a rule that keeps what changes most must drop some of the answer.
+    "distractor": VideoSettings(object_side=14, screens=4),
+    # Test-time scaling: 32 frames, events on any frame, one-frame flashes (the static scene, its init reused).
+    "long": VideoSettings(frames=32, tick=1, flash=1),
+}
+INIT_OF_TASK = {"static": "static", "distractor": "distractor", "long": "static"}
+REGIMES = ("frozen", "trained")
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the table.
 
     Args:
-        name (`str`): its label.
+        name (`str`): its label (unique over all tasks).
         method (`str`): "none" (unpruned), "scorer", "random", "similarity" (STTS methods) or "subsample" (uniform
             temporal-slot subsampling).
         ratio (`float`): fraction of video tokens removed (the prune ratio, or the subsampling's target).
-        variant (`str`): "standard" or "long" (the test-time-scaling set).
+        task (`str`): the video set, a key of `TASKS`.
         frame_stride (`int`): keep every n-th frame of the video before anything else (the long set's baseline
             samples half the frames, as a fixed frame budget does).
+        options (`tuple`): `(field, value)` pairs overriding `STTSConfig` defaults: the ablations.
     """
 
     name: str
     method: str
     ratio: float = 0.0
-    variant: str = "standard"
+    task: str = "static"
     frame_stride: int = 1
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def prunes(self) -> bool:
         return self.method in ("scorer", "random", "similarity")
+
+    @property
+    def trains_in_frozen_regime(self) -> bool:
+        """Only a learned scorer has something to train when the base model is frozen."""
+        return self.method == "scorer"
 
     @property
     def slot_stride(self) -> int:
@@ -275,24 +327,40 @@ class Row:
         return round(1 / (1 - self.ratio)) if self.method == "subsample" else 1
 
 
+ABLATIONS = (
+    ("aux-only", (("key_bias", False),)),  # no soft key bias: the LM loss cannot reach the scorer
+    ("lm-only", (("aux_loss_weight", 0.0),)),  # no temporal aux loss: the scorer learns from the answer only
+    ("mse", (("aux_loss", "mse"),)),  # the paper's aux loss (MSE of the sigmoid against 1 - cos)
+)
+
+
+def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
+    """Baseline, STTS, random, similarity and subsampling at 50% and 80% (and the STTS-50 ablations) of one task."""
+    rows = [Row(f"{prefix}baseline", "none", task=task)]
+    for method, label in (
+        ("scorer", "stts"),
+        ("random", "random"),
+        ("similarity", "similarity"),
+        ("subsample", "subsample"),
+    ):
+        rows += [Row(f"{prefix}{label}-{percent}", method, percent / 100, task) for percent in (50, 80)]
+    if ablations:
+        rows += [Row(f"{prefix}stts-50-{name}", "scorer", 0.5, task, options=options) for name, options in ABLATIONS]
+    return rows
+
+
 ROWS = {
     row.name: row
     for row in (
-        Row("baseline", "none"),
-        Row("stts-50", "scorer", 0.5),
-        Row("stts-80", "scorer", 0.8),
-        Row("random-50", "random", 0.5),
-        Row("random-80", "random", 0.8),
-        Row("similarity-50", "similarity", 0.5),
-        Row("similarity-80", "similarity", 0.8),
-        Row("subsample-50", "subsample", 0.5),
-        Row("subsample-80", "subsample", 0.8),
-        Row("long-baseline", "none", variant="long", frame_stride=2),
-        Row("long-stts-50-2x", "scorer", 0.5, variant="long"),
+        *task_rows("static", "", ablations=False),
+        *task_rows("distractor", "distractor-", ablations=True),
+        Row("long-baseline", "none", task="long", frame_stride=2),
+        Row("long-stts-50-2x", "scorer", 0.5, task="long"),
     )
 }
 QUICK_ROWS = ("baseline", "stts-50")
-LONG_VIDEO = VideoSettings(frames=32, tick=1, flash=1)
+# The picture of kept units: STTS-50 on the static and on the distractor task, seed 0, base frozen.
+PICTURE_ROWS = {"stts-50": "kept_units.png", "distractor-stts-50": "kept_units_distractor.png"}
 
 
 def view(video: torch.Tensor, row: Row) -> tuple[torch.Tensor, float]:
@@ -336,9 +404,12 @@ class TrainSettings:
     """Training and evaluation settings (the same for every row).
 
     Args:
-        pretrain_steps (`int`): steps of the shared init: the unpruned model trained on the standard set (the
+        pretrain_steps (`int`): steps of the static task's init: the unpruned model trained on its videos (the
             paper fine-tunes a trained video VLM, Molmo2-4B; this is its miniature).
-        steps (`int`): fine-tuning steps of every row, from that init (the whole model, plus the scorer).
+        distractor_pretrain_steps (`int`): steps of the distractor task's init (small objects among screens take
+            longer to learn).
+        steps (`int`): training steps of every row, from its task's init (the scorer alone when the base is frozen,
+            every parameter when it is trained).
         batch_size (`int`): clips per step.
         pretrain_lr, lr (`float`): peak learning rates (linear warm-up, cosine decay to 0).
         scorer_lr (`float`): peak learning rate of the STTS scorer in fine-tuning.
@@ -350,6 +421,7 @@ class TrainSettings:
     """
 
     pretrain_steps: int = 1000
+    distractor_pretrain_steps: int = 1500
     steps: int = 100
     batch_size: int = 16
     pretrain_lr: float = 1e-3
@@ -362,7 +434,7 @@ class TrainSettings:
     eval_batch_size: int = 32
 
 
-QUICK = dict(pretrain_steps=240, steps=40, batch_size=8, eval_size=96)
+QUICK = dict(pretrain_steps=240, distractor_pretrain_steps=240, steps=40, batch_size=8, eval_size=96)
 TEXT_WIDTH, TEXT_LAYERS = 128, 3
 
 
@@ -396,6 +468,19 @@ def optimizer_for(model: torch.nn.Module, peak_lr: float, train: TrainSettings) 
     return torch.optim.AdamW(groups, lr=peak_lr, weight_decay=train.weight_decay)
 
 
+@dataclass
+class Curves:
+    """What one training run logged at every step (the STTS lists stay empty without a learned scorer)."""
+
+    loss: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
+    saturated_fraction: list[float] = field(default_factory=list)
+    scorer_grad_norm: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {k: v for name in asdict(self) for k, v in first_and_last(name, getattr(self, name)).items()}
+
+
 def train_steps(
     model: torch.nn.Module,
     row: Row,
@@ -403,56 +488,100 @@ def train_steps(
     steps: int,
     peak_lr: float,
     train: TrainSettings,
-    progress: tqdm,
     label: str,
-) -> tuple[list[float], list[float]]:
-    """Train every trainable parameter with the model's own loss (LM loss on the answer, + STTS's aux loss).
-
-    Returns:
-        The loss of every step, and STTS's temporal aux loss of every step (empty without a scorer).
-    """
+) -> Curves:
+    """Train every trainable parameter with the model's own loss (LM loss on the answer, + STTS's aux loss)."""
     optimizer = optimizer_for(model, peak_lr, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps, train.warmup))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
-    losses: list[float] = []
-    aux_losses: list[float] = []
+    curves = Curves()
     for step in range(steps):
         batch = build_batch(model.config, [next(stream) for _ in range(train.batch_size)], row)
         out = model(**batch)
         out.loss.backward()
+        report = getattr(out, "stts", None)
+        if report is not None and report.saturated_fraction is not None:
+            curves.saturated_fraction.append(report.saturated_fraction)
+            curves.scorer_grad_norm.append(scorer_grad_norm(model) or 0.0)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        report = getattr(out, "stts", None)
+        curves.loss.append(out.loss.item())
         if report is not None and report.aux_loss is not None:
-            aux_losses.append(report.aux_loss.item())
-        progress.update()
-        if step % 10 == 0:
-            progress.set_postfix_str(f"{label} loss {statistics.mean(losses[-10:]):.3f}")
-    return losses, aux_losses
+            curves.aux_loss.append(report.aux_loss.item())
+        if (step + 1) % 100 == 0:
+            print(f"  {label}: step {step + 1}/{steps}, loss {statistics.mean(curves.loss[-100:]):.3f}", flush=True)
+    return curves
 
 
-def pretrain(video: VideoSettings, train: TrainSettings, progress: tqdm) -> dict[str, torch.Tensor]:
-    """The shared init: a random model trained unpruned on the standard set. Returns its state dict."""
+def first_and_last(name: str, values: list[float]) -> dict[str, float]:
+    """Means of the first and the last tenth of a training curve (nothing for an empty one)."""
+    if not values:
+        return {}
+    window = max(1, len(values) // 10)
+    return {f"{name}_first": statistics.mean(values[:window]), f"{name}_last": statistics.mean(values[-window:])}
+
+
+def pretrain_steps_of(init: str, train: TrainSettings) -> int:
+    return train.distractor_pretrain_steps if init == "distractor" else train.pretrain_steps
+
+
+def init_key(init: str, train: TrainSettings) -> str:
+    """What an init depends on, as a short hash: its videos, its training settings and the model's config."""
+    settings = {
+        "video": asdict(TASKS[init]),
+        "steps": pretrain_steps_of(init, train),
+        "lr": train.pretrain_lr,
+        "batch_size": train.batch_size,
+        "warmup": train.warmup,
+        "weight_decay": train.weight_decay,
+        "model": model_config().to_dict(),
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def init_path(init: str, train: TrainSettings, cache: str) -> str:
+    return os.path.join(cache, f"init-{init}-{init_key(init, train)}.safetensors")
+
+
+def pretrain(init: str, train: TrainSettings, cache: str) -> str:
+    """The shared init of a task: a random model trained unpruned on its videos, cached as safetensors under its
+    key (reused while the videos, the training settings and the model config stay the same). Returns its path."""
+    path = init_path(init, train, cache)
+    if os.path.isfile(path):
+        return path
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(model_config())
-    stream = clip_stream("pretrain", 0, video)
-    train_steps(model, ROWS["baseline"], stream, train.pretrain_steps, train.pretrain_lr, train, progress, "init")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stream = clip_stream("pretrain", 0, TASKS[init])
+    train_steps(
+        model, ROWS["baseline"], stream, pretrain_steps_of(init, train), train.pretrain_lr, train, f"init {init}"
+    )
+    os.makedirs(cache, exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"
+    save_model(model, partial)
+    os.replace(partial, path)  # whole or absent: a killed run never leaves half an init in the cache
+    return path
 
 
-def build_model(row: Row, seed: int, init: dict[str, torch.Tensor], train: TrainSettings) -> torch.nn.Module:
-    """The init, wrapped with STTS for the pruning rows (every parameter trainable; the scorer seeded by `seed`)."""
+def build_model(row: Row, regime: str, seed: int, init: str, train: TrainSettings) -> torch.nn.Module:
+    """The init, wrapped with STTS for the pruning rows (the base trainable in the trained regime only; the scorer
+    seeded by `seed`)."""
     model = Qwen2_5_VLForConditionalGeneration(model_config())
-    model.load_state_dict(init)
+    load_model(model, init)
     if not row.prunes:
+        model.requires_grad_(regime == "trained")
         return model
     torch.manual_seed(10_000 + seed)
     config = STTSConfig(
-        prune_ratio=row.ratio, prune_layer=train.prune_layer, method=row.method, train_base_model=True, seed=seed
+        prune_ratio=row.ratio,
+        prune_layer=train.prune_layer,
+        method=row.method,
+        train_base_model=regime == "trained",
+        seed=seed,
+        **dict(row.options),
     )
     return apply_stts(model, config)
 
@@ -514,40 +643,86 @@ def evaluate(model: torch.nn.Module, clips: Sequence[Clip], row: Row, train: Tra
     }
 
 
-def run(
-    row: Row,
-    seed: int,
-    init: dict[str, torch.Tensor],
-    video: VideoSettings,
-    train: TrainSettings,
-    clips: Sequence[Clip],
-    progress: tqdm,
-) -> tuple[dict[str, Any], torch.nn.Module]:
-    """Fine-tune one row from the init with one seed (data order, scorer init, random masks), then evaluate."""
+@dataclass(frozen=True)
+class Job:
+    """One run: a row, trained (or not) in one regime with one seed, then evaluated.
+
+    Args:
+        row (`str`): a key of `ROWS`.
+        regime (`str`): "frozen" (the base model stays as the init; only a learned scorer trains) or "trained" (every
+            parameter fine-tuned, the paper's setting).
+        seed (`int`): the fine-tuning data order, the scorer's init and the random masks (the init is shared).
+        init (`str`): path of the cached init.
+        picture (`str`, *optional*): where to draw the kept units of two test clips after training.
+    """
+
+    row: str
+    regime: str
+    seed: int
+    init: str
+    picture: str | None = None
+
+
+def run(job: Job, train: TrainSettings, eval_split: str, threads: int) -> dict[str, Any]:
+    """Fine-tune one row from its task's init (unless it has nothing to train in its regime), then evaluate it on
+    the task's evaluation set."""
+    torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = build_model(row, seed, init, train)
-    torch.manual_seed(20_000 + seed)  # the random method draws its training-time masks from torch's RNG
-    stream = clip_stream("train", seed, video)
-    losses, aux_losses = train_steps(
-        model, row, stream, train.steps, train.lr, train, progress, f"{row.name} seed {seed}"
-    )
-    result = {
-        "row": row.name,
-        "seed": seed,
+    row = ROWS[job.row]
+    video = TASKS[row.task]
+    model = build_model(row, job.regime, job.seed, job.init, train)
+    torch.manual_seed(20_000 + job.seed)  # the random method draws its training-time masks from torch's RNG
+    curves = Curves()
+    if job.regime == "trained" or row.trains_in_frozen_regime:
+        label = f"{job.row} {job.regime} seed {job.seed}"
+        curves = train_steps(model, row, clip_stream("train", job.seed, video), train.steps, train.lr, train, label)
+    clips = clip_set(eval_split, train.eval_size, video)
+    if job.picture:
+        draw_kept_units(model, picture_clips(clips), row, job.picture)
+    return {
+        "row": job.row,
+        "regime": job.regime,
+        "seed": job.seed,
         **evaluate(model, clips, row, train),
-        **first_and_last("loss", losses),
-        **first_and_last("aux_loss", aux_losses),
+        **curves.summary(),
         "seconds": time.perf_counter() - start,
     }
-    return result, model
 
 
-def first_and_last(name: str, values: list[float]) -> dict[str, float]:
-    """Means of the first and the last tenth of a training curve (nothing for an empty one)."""
-    if not values:
-        return {}
-    window = max(1, len(values) // 10)
-    return {f"{name}_first": statistics.mean(values[:window]), f"{name}_last": statistics.mean(values[-window:])}
+def run_all(jobs: list[Job], train: TrainSettings, eval_split: str, workers: int) -> list[dict[str, Any]]:
+    """Every job, in `workers` processes of one torch thread each (tiny models use one core better than two threads
+    do), or in this process with all its threads when `workers` is 1. Results in the order of `jobs`."""
+    if workers == 1:
+        return [report_run(run(job, train, eval_split, torch.get_num_threads())) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is running
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(run, job, train, eval_split, 1) for job in jobs]
+        for future in as_completed(futures):
+            report_run(future.result())
+        return [future.result() for future in futures]
+
+
+def report_run(result: dict[str, Any]) -> dict[str, Any]:
+    print(
+        f"{result['row']} {result['regime']} seed {result['seed']}: accuracy {result['accuracy']:.1f}% "
+        f"({result['seconds']:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def pretrain_all(inits: list[str], train: TrainSettings, cache: str, workers: int) -> dict[str, str]:
+    """The cached path of every init, pretraining the missing ones (in parallel when `workers` > 1)."""
+    if workers == 1 or len(inits) == 1:
+        return {init: pretrain(init, train, cache) for init in inits}
+    with ProcessPoolExecutor(min(workers, len(inits)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        paths = pool.map(pretrain_in_worker, inits, [train] * len(inits), [cache] * len(inits))
+        return dict(zip(inits, paths))
+
+
+def pretrain_in_worker(init: str, train: TrainSettings, cache: str) -> str:
+    torch.set_num_threads(1)
+    return pretrain(init, train, cache)
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -562,46 +737,70 @@ def machine() -> str:
     return f"{name} CPU ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
 def summarize(results: list[dict[str, Any]], rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of every row."""
+    """Mean and std over seeds of every row in every regime it ran in."""
     summary = []
     for row in rows:
-        runs = [r for r in results if r["row"] == row.name]
-        if not runs:
-            continue
-        accuracies = [r["accuracy"] for r in runs]
-        recalls = [r["recall"] for r in runs if r["recall"] is not None]
-        per_type = {q: statistics.mean(r["accuracy_per_type"][q] for r in runs) for q in runs[0]["accuracy_per_type"]}
-        summary.append(
-            {
-                **asdict(row),
-                "seeds": [r["seed"] for r in runs],
-                "accuracy_mean": statistics.mean(accuracies),
-                "accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
-                "accuracy_per_type": per_type,
-                "video_tokens": statistics.mean(r["video_tokens"] for r in runs),
-                "recall_mean": statistics.mean(recalls) if recalls else None,
-            }
-        )
+        for regime in REGIMES:
+            runs = [r for r in results if r["row"] == row.name and r["regime"] == regime]
+            if not runs:
+                continue
+            accuracies = [r["accuracy"] for r in runs]
+            types = runs[0]["accuracy_per_type"]
+            summary.append(
+                {
+                    **asdict(row),
+                    "regime": regime,
+                    "seeds": [r["seed"] for r in runs],
+                    "accuracy_mean": statistics.mean(accuracies),
+                    "accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+                    "accuracy_per_type": {q: statistics.mean(r["accuracy_per_type"][q] for r in runs) for q in types},
+                    "video_tokens": statistics.mean(r["video_tokens"] for r in runs),
+                    **{
+                        key: mean_of(runs, key)
+                        for key in ("recall", "saturated_fraction_last", "scorer_grad_norm_last", "aux_loss_last")
+                    },
+                }
+            )
     return summary
 
 
-def claims(summary: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
-    """The paper's claims, checked on the means: (claim, met, the numbers)."""
-    acc = {s["name"]: s["accuracy_mean"] for s in summary}
+# (claim, row, other row, margin: met when accuracy(row) - accuracy(other) > margin, or >= when `inclusive`)
+CLAIMS = (
+    ("paper: STTS-50% within 1 point of the baseline", "stts-50", "baseline", -1.0, True),
+    ("paper: STTS beats random at 50%", "stts-50", "random-50", 0.0, False),
+    ("paper: STTS beats random at 80%", "stts-80", "random-80", 0.0, False),
+    ("paper: STTS beats frame subsampling at 50%", "stts-50", "subsample-50", 0.0, False),
+    ("paper: STTS beats frame subsampling at 80%", "stts-80", "subsample-80", 0.0, False),
+    (
+        "paper: test-time scaling (STTS, 2x frames, 50%) beats the baseline",
+        "long-stts-50-2x",
+        "long-baseline",
+        0,
+        False,
+    ),
+    ("goal: STTS-50% >= similarity-50%", "stts-50", "similarity-50", 0.0, True),
+    ("goal: STTS-80% >= similarity-80% - 1", "stts-80", "similarity-80", -1.0, True),
+    ("goal: STTS-80% >= random-80% + 10", "stts-80", "random-80", 10.0, True),
+    ("goal: distractors: STTS-50% >= similarity-50% + 5", "distractor-stts-50", "distractor-similarity-50", 5.0, True),
+)
+
+
+def claims(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's claims and this project's goals, checked on the means of each regime."""
+    accuracy = {(s["name"], s["regime"]): s["accuracy_mean"] for s in summary}
     checks = []
-    if {"baseline", "stts-50"} <= acc.keys():
-        gap = acc["stts-50"] - acc["baseline"]
-        checks.append(("STTS-50% within 1 point of the baseline", gap >= -1, f"{gap:+.1f} points"))
-    for ratio in (50, 80):
-        for other in ("random", "subsample"):
-            names = (f"stts-{ratio}", f"{other}-{ratio}")
-            if set(names) <= acc.keys():
-                gap = acc[names[0]] - acc[names[1]]
-                checks.append((f"STTS beats {other} at {ratio}%", gap > 0, f"{gap:+.1f} points"))
-    if {"long-baseline", "long-stts-50-2x"} <= acc.keys():
-        gap = acc["long-stts-50-2x"] - acc["long-baseline"]
-        checks.append(("test-time scaling (STTS, 2x frames) beats the baseline", gap > 0, f"{gap:+.1f} points"))
+    for claim, row, other, margin, inclusive in CLAIMS:
+        for regime in REGIMES:
+            if (row, regime) in accuracy and (other, regime) in accuracy:
+                gap = accuracy[row, regime] - accuracy[other, regime]
+                met = gap >= margin if inclusive else gap > margin
+                checks.append({"claim": claim, "regime": regime, "met": met, "gap": gap})
     return checks
 
 
@@ -610,122 +809,139 @@ def percent(value: float | None) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The table, the test-time-scaling rows, the claims and the settings, as markdown."""
-    summary, video, long, train = report["summary"], report["video"], report["long_video"], report["train"]
+    """The tables (one per task, both regimes side by side), the scorer's health, the claims and the settings."""
+    summary, train = report["summary"], report["train"]
+    by_key = {(s["name"], s["regime"]): s for s in summary}
     seeds = sorted({seed for s in summary for seed in s["seeds"]})
-    types = " | ".join(QUESTION_TYPES)
-    header = [
-        f"| row | video tokens | accuracy (mean ± std) | {types} | recall of changing units |",
-        "|---|---|---|" + "---|" * len(QUESTION_TYPES) + "---|",
-    ]
-
-    def line(s: dict[str, Any]) -> str:
-        per_type = " | ".join(f"{s['accuracy_per_type'].get(q, float('nan')):.1f}" for q in QUESTION_TYPES)
-        return (
-            f"| {s['name']} | {s['video_tokens']:.1f} | {s['accuracy_mean']:.1f} ± {s['accuracy_std']:.1f} "
-            f"| {per_type} | {percent(s['recall_mean'])} |"
-        )
-
-    standard = [line(s) for s in summary if s["variant"] == "standard"]
-    scaling = [line(s) for s in summary if s["variant"] == "long"]
     split = "test" if report["eval_split"] == "test" else "VALIDATION (not the reported test set)"
     quick = " (--quick: a smoke test, not the benchmark)" if report["quick"] else ""
     lines = [
-        f"Synthetic video QA: {video['frames']} frames of {video['side']}x{video['side']} px "
-        f"({video['frames'] // SLOT} temporal slots x {(video['side'] // CELL) ** 2} units) "
-        "of a static textured scene; "
-        "after the first slot a square appears (what colour?), moves out of the centre (which direction?), squares "
-        f"flash for {video['flash']} slots (how many?), a square appears in a corner (which one?): 4 answers each, "
-        f"chance 25%. {train['eval_size']} held-out {split} clips per set, generated apart from every training clip. "
-        f"Seeds {', '.join(map(str, seeds))}; {report['machine']}, torch threads: {report['threads']}; "
-        f"{report['seconds'] / 60:.1f} min in all{quick}.",
+        f"Synthetic video QA, 4 questions with 4 answers each (chance 25%), {train['eval_size']} held-out {split} "
+        f"clips per task, generated apart from every training clip. Seeds {', '.join(map(str, seeds))}; "
+        f"{report['machine']}, {report['workers']} worker(s); {report['seconds'] / 60:.1f} min in all{quick}.",
         "",
-        f"Model: Qwen2.5-VL (ViT 5x64, LLM {TEXT_LAYERS}x{TEXT_WIDTH}), random init trained unpruned for "
-        f"{train['pretrain_steps']} steps (the shared init), then every row fine-tuned end to end from it for "
-        f"{train['steps']} steps (batch {train['batch_size']}, lr {train['lr']:g}, scorer lr {train['scorer_lr']:g}) "
-        f"with its own pruning; STTS prune_layer {train['prune_layer']}. Frame subsampling keeps 1 temporal slot in "
-        "2 (50%) or in 5 (80%: slots 0 and 5). Accuracy in %, mean ± std over seeds (a seed sets the fine-tuning "
-        "data order, the scorer's init and the random masks; the init is shared). Video tokens: per video, as the "
-        "LLM sees them. Recall: % of the ground-truth changing units (units that differ from the previous slot) "
-        "that the row keeps.",
+        "- **static**: 16 frames of 84x84 px (8 temporal slots x 9 units) of a static textured scene with sensor "
+        "noise; after the first slot a square appears (what colour?), moves out of the centre (which direction?), "
+        "flashes (how many?), appears in a corner (which one?). What changes is exactly what answers: the "
+        "training-free rule's best case.",
+        "- **distractor**: the same questions about 14 px squares, and 4 cells showing a new random picture every "
+        "frame (screens): they change more than the answer does, so at 50% a rule that keeps what changes most "
+        "must drop some of the answer. The learned scorer's reason to exist.",
+        "- **long** (test-time scaling): 32 frames, events on any frame, one-frame flashes. The baseline sees every "
+        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens.",
         "",
-        *header,
-        *standard,
+        f"Model: Qwen2.5-VL (ViT 5x64, LLM {TEXT_LAYERS}x{TEXT_WIDTH}) trained unpruned from a random init on each "
+        f"task's videos (the shared init: {train['pretrain_steps']} steps on static, also used for long, "
+        f"{train['distractor_pretrain_steps']} on distractor). Then every row for {train['steps']} steps (batch "
+        f"{train['batch_size']}, lr {train['lr']:g}, scorer lr {train['scorer_lr']:g}, prune_layer "
+        f"{train['prune_layer']}), in two regimes: **frozen**, the base model stays the init and only STTS's scorer "
+        "trains (a user adding STTS to a trained VLM; the training-free rows are the init evaluated as is), and "
+        "**trained**, every parameter fine-tuned with the row's pruning (the paper's setting). Accuracy in %, mean "
+        "± std over seeds (a seed sets the data order, the scorer's init and the random masks). Video tokens: per "
+        "video, as the LLM sees them. Recall: % of the units the question's event changes (screens excluded) that "
+        "the row keeps. Subsampling keeps 1 temporal slot in 2 (50%) or 5 (80%). Ablations of STTS-50: aux-only "
+        "(`key_bias=False`: no LM gradient reaches the scorer), lm-only (`aux_loss_weight=0`), mse (the paper's "
+        "aux loss, `aux_loss='mse'`).",
     ]
-    if scaling:
+    for task in TASKS:
+        names = [
+            row.name for row in ROWS.values() if row.task == task and any((row.name, r) in by_key for r in REGIMES)
+        ]
+        if not names:
+            continue
         lines += [
             "",
-            f"Test-time scaling: long videos of {long['frames']} frames, the same questions, events on any frame, "
-            f"flashes of {long['flash']} frame. The baseline sees every 2nd frame ({long['frames'] // 2} frames, so it "
-            f"misses the flashes on odd frames); STTS sees all {long['frames']} frames and prunes 50%: the same "
-            "number of video tokens. Both fine-tuned from the same init, as above.",
+            f"**{task}**",
             "",
-            *header,
-            *scaling,
+            "| row | video tokens | frozen: accuracy | frozen: recall | trained: accuracy | trained: recall |",
+            "|---|---|---|---|---|---|",
         ]
-    lines += ["", "| paper's claim | met | measured |", "|---|---|---|"]
-    lines += [f"| {claim} | {'yes' if met else 'no'} | {numbers} |" for claim, met, numbers in report["claims"]]
-    lines += similarity_comparison(summary)
+        for name in names:
+            cells = []
+            for regime in REGIMES:
+                s = by_key.get((name, regime))
+                cells += (
+                    ["-", "-"]
+                    if s is None
+                    else [
+                        f"{s['accuracy_mean']:.1f} ± {s['accuracy_std']:.1f}",
+                        percent(s["recall"]),
+                    ]
+                )
+            tokens = next(by_key[name, r]["video_tokens"] for r in REGIMES if (name, r) in by_key)
+            lines.append(f"| {name} | {tokens:.1f} | {' | '.join(cells)} |")
+    health = [s for s in summary if s["saturated_fraction_last"] is not None]
+    if health:
+        lines += [
+            "",
+            "The learned scorer over the last tenth of its training (means over seeds): saturated scores (within "
+            "1e-4 of 0 or 1, where the sigmoid passes no gradient), the scorer's gradient norm before clipping, the "
+            "aux loss.",
+            "",
+            "| row | regime | saturated | scorer grad norm | aux loss |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['name']} | {s['regime']} | {s['saturated_fraction_last']:.3f} | {s['scorer_grad_norm_last']:.2e} "
+            f"| {percent(s['aux_loss_last']) if s['aux_loss_last'] is None else format(s['aux_loss_last'], '.4f')} |"
+            for s in health
+        ]
+    checks = report["claims"]
+    if checks:
+        lines += ["", "| claim (paper's, or this project's goal) | frozen | trained |", "|---|---|---|"]
+        for claim in dict.fromkeys(c["claim"] for c in checks):
+            cells = []
+            for regime in REGIMES:
+                c = next((c for c in checks if c["claim"] == claim and c["regime"] == regime), None)
+                cells.append("-" if c is None else f"{'yes' if c['met'] else 'no'} ({c['gap']:+.1f} points)")
+            lines.append(f"| {claim} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
-def similarity_comparison(summary: list[dict[str, Any]]) -> list[str]:
-    """STTS against the training-free similarity rule (not one of the paper's claims), with why it is strong here."""
-    acc = {s["name"]: s["accuracy_mean"] for s in summary}
-    ratios = [r for r in (50, 80) if {f"stts-{r}", f"similarity-{r}"} <= acc.keys()]
-    if not ratios:
-        return []
-    gaps = ", ".join(f"{acc[f'stts-{r}'] - acc[f'similarity-{r}']:+.1f} points at {r}%" for r in ratios)
-    return [
-        "",
-        f"STTS against the training-free similarity rule: {gaps}. The scenes are static up to sensor noise, "
-        "so a unit's distance to the same unit one slot earlier marks exactly the units that change (see its recall): "
-        "on this task the rule is close to an oracle of what matters. Whether that holds on real videos (camera "
-        "motion, lighting, changes that do not answer the question) is not measured here.",
-    ]
-
-
 def plot(summary: list[dict[str, Any]], path: str) -> None:
-    """Accuracy and recall against the fraction of video tokens removed, one line per method."""
+    """Accuracy against the fraction of video tokens removed, one line per method, one panel per task and regime."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    standard = [s for s in summary if s["variant"] == "standard"]
-    baseline = next((s for s in standard if s["method"] == "none"), None)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, label in (
-        ("scorer", "STTS"),
-        ("random", "random"),
-        ("similarity", "similarity"),
-        ("subsample", "frame subsampling"),
-    ):
-        points = sorted((s for s in standard if s["method"] == method), key=lambda s: s["ratio"])
-        if baseline is not None:
-            points = [baseline, *points]
-        if len(points) < 2:
-            continue
-        ratios = [100 * s["ratio"] for s in points]
-        left.errorbar(
-            ratios,
-            [s["accuracy_mean"] for s in points],
-            yerr=[s["accuracy_std"] for s in points],
-            marker="o",
-            capsize=3,
-            label=label,
+    panels = [
+        (t, r)
+        for t in ("static", "distractor")
+        for r in REGIMES
+        if any(s["task"] == t and s["regime"] == r for s in summary)
+    ]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for axis, (task, regime) in zip(axes[0], panels):
+        points = [s for s in summary if s["task"] == task and s["regime"] == regime and not s["options"]]
+        baseline = next((s for s in points if s["method"] == "none"), None)
+        for method, label in (
+            ("scorer", "STTS"),
+            ("random", "random"),
+            ("similarity", "similarity"),
+            ("subsample", "subsampling"),
+        ):
+            line = sorted((s for s in points if s["method"] == method), key=lambda s: s["ratio"])
+            line = ([baseline] if baseline else []) + line
+            if len(line) < 2:
+                continue
+            axis.errorbar(
+                [100 * s["ratio"] for s in line],
+                [s["accuracy_mean"] for s in line],
+                yerr=[s["accuracy_std"] for s in line],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        axis.axhline(25, color="grey", linestyle=":", label="chance")
+        axis.set(
+            xlabel="video tokens removed (%)", ylabel="test accuracy (%)", title=f"{task}, base {regime}", ylim=(0, 100)
         )
-        recalls = [(100 * s["ratio"], s["recall_mean"]) for s in points if s["recall_mean"] is not None]
-        if recalls:
-            right.plot(*zip(*recalls), marker="o", label=label)
-    left.axhline(25, color="grey", linestyle=":", label="chance")
-    left.set(xlabel="video tokens removed (%)", ylabel="test accuracy (%)", title="Accuracy (mean ± std over seeds)")
-    right.set(xlabel="video tokens removed (%)", ylabel="recall (%)", title="Changing units kept", ylim=(0, 105))
-    for axis in (left, right):
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend()
+        axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -762,14 +978,19 @@ def picture_clips(clips: Sequence[Clip]) -> list[Clip]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--cache", default="benchmarks/.cache", help="folder of the cached inits (safetensors)")
     parser.add_argument("--quick", action="store_true", help="baseline and STTS-50%%, 1 seed, short training")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, help="regimes to run (default: both)")
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default: 0 1 2; quick: 0)")
-    parser.add_argument("--pretrain-steps", type=int, help="steps of the shared init")
+    parser.add_argument("--pretrain-steps", type=int, help="steps of the static task's init")
+    parser.add_argument("--distractor-pretrain-steps", type=int, help="steps of the distractor task's init")
     parser.add_argument("--steps", type=int, help="fine-tuning steps per row")
-    parser.add_argument("--eval-size", type=int, help="evaluation clips per set (balanced over question types)")
+    parser.add_argument("--eval-size", type=int, help="evaluation clips per task (balanced over question types)")
     parser.add_argument("--eval-split", choices=("test", "val"), default="test", help="tune on val, report on test")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all)")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="worker processes of 1 thread each (1: this process)"
+    )
     parser.add_argument(
         "--render", action="store_true", help="only rewrite video_qa.md and video_qa.png from --out/video_qa.json"
     )
@@ -778,7 +999,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> TrainSettings:
     train = replace(TrainSettings(), **QUICK) if args.quick else TrainSettings()
-    overrides = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "eval_size": args.eval_size}
+    overrides = {
+        "pretrain_steps": args.pretrain_steps,
+        "distractor_pretrain_steps": args.distractor_pretrain_steps,
+        "steps": args.steps,
+        "eval_size": args.eval_size,
+    }
     return replace(train, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -790,6 +1016,26 @@ def write_outputs(report: dict[str, Any], out: str) -> None:
     plot(report["summary"], os.path.join(out, "video_qa.png"))
 
 
+def plan(
+    rows: Sequence[Row], regimes: Sequence[str], seeds: Sequence[int], inits: dict[str, str], out: str
+) -> list[Job]:
+    """Every (row, regime, seed) run, the longest first (training end to end, then the scorer alone, then
+    evaluation only) so that the workers finish together."""
+    jobs = []
+    for row in rows:
+        for regime in regimes:
+            for seed in seeds:
+                picture = PICTURE_ROWS.get(row.name) if regime == "frozen" and seed == seeds[0] else None
+                init = inits[INIT_OF_TASK[row.task]]
+                jobs.append(Job(row.name, regime, seed, init, os.path.join(out, picture) if picture else None))
+
+    def cost(job: Job) -> int:
+        row = ROWS[job.row]
+        return 2 if job.regime == "trained" else int(row.trains_in_frozen_regime)
+
+    return sorted(jobs, key=cost, reverse=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the report written to `--out/video_qa.json`."""
     args = parse_args(argv)
@@ -799,35 +1045,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_outputs(report, args.out)
         return report
     started = time.perf_counter()
-    torch.set_num_threads(args.threads)
     train = settings_from(args)
     rows = [ROWS[name] for name in (args.rows or (QUICK_ROWS if args.quick else ROWS))]
+    regimes = args.regimes or REGIMES
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    videos = {"standard": VideoSettings(), "long": LONG_VIDEO}
-    clips = {row.variant: clip_set(args.eval_split, train.eval_size, videos[row.variant]) for row in rows}
     os.makedirs(args.out, exist_ok=True)
-
-    progress = tqdm(total=train.pretrain_steps + len(seeds) * len(rows) * train.steps, desc="training", unit="step")
-    init = pretrain(videos["standard"], train, progress)
-    results = []
-    for seed in seeds:
-        for row in rows:
-            result, model = run(row, seed, init, videos[row.variant], train, clips[row.variant], progress)
-            results.append(result)
-            progress.write(f"{row.name} seed {seed}: accuracy {result['accuracy']:.1f}%")
-            if row.name == "stts-50" and seed == seeds[0]:
-                draw_kept_units(model, picture_clips(clips["standard"]), row, os.path.join(args.out, "kept_units.png"))
-    progress.close()
-
+    workers = max(1, args.jobs)
+    inits = pretrain_all(sorted({INIT_OF_TASK[row.task] for row in rows}), train, args.cache, workers)
+    jobs = plan(rows, regimes, seeds, inits, args.out)
+    results = run_all(jobs, train, args.eval_split, workers)
     summary = summarize(results, rows)
     report = {
         "machine": machine(),
-        "threads": args.threads,
+        "workers": workers,
         "quick": args.quick,
         "eval_split": args.eval_split,
         "seconds": time.perf_counter() - started,
-        "video": asdict(videos["standard"]),
-        "long_video": asdict(videos["long"]),
+        "tasks": {task: asdict(video) for task, video in TASKS.items()},
         "train": asdict(train),
         "runs": results,
         "summary": summary,

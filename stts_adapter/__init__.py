@@ -11,7 +11,7 @@ from .errors import AdapterLoadError, STTSConfigError, STTSInputError, Unsupport
 from .model import STTSModel, apply_stts
 from .registry import ArchitectureEntry, register_architecture, supported_architectures
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdapterLoadError",

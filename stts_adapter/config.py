@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AdapterLoadError, STTSConfigError
+from .losses import AUX_LOSSES
 
 CONFIG_NAME = "stts_config.json"
 METHODS = ("scorer", "random", "similarity")
+# What an adapter saved before an option existed did; a saved config without the key gets this, not the new default.
+BEHAVIOUR_BEFORE_OPTION = {"aux_loss": "mse", "scorer_input_norm": False}
 
 
 @dataclass
@@ -55,6 +58,32 @@ class STTSConfig:
         default=0.5,
         metadata={"help": "Weight of the temporal auxiliary loss added to the LM loss in training mode."},
     )
+    aux_loss: str = field(
+        default="bce",
+        metadata={
+            "help": "Form of the temporal auxiliary loss. 'bce' (ours, the default): binary cross-entropy on the "
+            "scorer's logits against clamp(1 - cos, 0.01, 0.99); it keeps a gradient while a score is wrong and the "
+            "logits stay finite. 'mse' (the paper): squared error between the sigmoid score and 1 - cos; its nearly "
+            "binary target drives the logits to +-infinity, the sigmoid saturates and the scorer stops learning."
+        },
+    )
+    key_bias: bool = field(
+        default=True,
+        metadata={
+            "help": "Add the soft key bias log(s') to the attention of block prune_layer + 1 in the frames that lose "
+            "units (the paper): the path by which the LM loss trains the scorer. False: no bias, the scorer learns "
+            "from the temporal auxiliary loss alone (an ablation)."
+        },
+    )
+    score_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Ours, not in the paper: in training, multiply the kept units' hidden states after block "
+            "prune_layer + 1 by 1 + (logit - logit.detach()), which is exactly 1, so the LM loss reaches each kept "
+            "unit's logit with how much the unit lowers the loss (gradient x input). The paper's only LM path to "
+            "the scorer is the soft key bias, which can only reorder the units within a frame."
+        },
+    )
     bias_min: float = field(
         default=math.exp(-2),
         metadata={
@@ -73,6 +102,15 @@ class STTSConfig:
     scorer_num_heads: int | None = field(
         default=None,
         metadata={"help": "Heads of the scorer's attention pooling over a unit's patches. None: the ViT's heads."},
+    )
+    scorer_input_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "Ours: the scorer reads the ViT's patches through a LayerNorm without parameters, so its scores do "
+            "not depend on the scale of the residual stream (which grows with depth and drifts when the ViT is "
+            "fine-tuned) and its gradients stay finite for any input. False: the paper's scorer. Adapters saved "
+            "before this option existed load with False."
+        },
     )
     detach_aux_target: bool = field(
         default=True,
@@ -124,6 +162,7 @@ class STTSConfig:
             "an integer >= 0 (a 0-based ViT block index)",
         )
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(self.aux_loss in AUX_LOSSES, "aux_loss", self.aux_loss, f"one of {AUX_LOSSES}")
         _check(
             _is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0,
             "aux_loss_weight",
@@ -136,7 +175,14 @@ class STTSConfig:
             self.bias_min,
             "a number with 0 < bias_min <= 1",
         )
-        for name in ("keep_first_frame", "detach_aux_target", "train_base_model"):
+        for name in (
+            "keep_first_frame",
+            "detach_aux_target",
+            "train_base_model",
+            "key_bias",
+            "score_gate",
+            "scorer_input_norm",
+        ):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("scorer_hidden_size", "scorer_num_heads"):
             value = getattr(self, name)
@@ -154,7 +200,9 @@ class STTSConfig:
     def from_dict(cls, values: dict[str, Any]) -> STTSConfig:
         """Build a config from a dict, e.g. a saved `stts_config.json`.
 
-        Keys this version does not know (written by a newer version) are ignored with a warning, as PEFT does.
+        Keys this version does not know (written by a newer version) are ignored with a warning, as PEFT does. A
+        saved config (one that records `stts_adapter_version`) without a key that a later version added gets the
+        behaviour it was saved with (`BEHAVIOUR_BEFORE_OPTION`), not the new default.
 
         Args:
             values (`dict`): field names to values.
@@ -164,6 +212,8 @@ class STTSConfig:
         """
         if not isinstance(values, dict):
             raise STTSConfigError(f"An STTS config must be a JSON object (a dict), got {type(values).__name__}.")
+        if values.get("stts_adapter_version") is not None:
+            values = {**BEHAVIOUR_BEFORE_OPTION, **values}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -5,51 +5,82 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+AUX_LOSSES = ("bce", "mse")
+BCE_TARGET_MARGIN = 1e-2
+"""The "bce" target is clamped to [margin, 1 - margin]: its optimal logits stay within +-6.9 (scores are never
+pushed into the sigmoid's flat tails, where the soft key bias would pass them no LM gradient), while every unit
+that changes by more than 0.1% keeps its own target."""
+
 
 def previous_frame_change(unit_patches: torch.Tensor, previous_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1 - cosine between each unit and the same unit in the previous frame of its video.
 
-    A unit is represented by its concatenated, L2-normalised patch vectors. Blank (all-zero) patches normalise to
-    zero vectors and give a cosine of 0, never NaN; huge values do not overflow.
+    A unit is represented by its patch vectors concatenated into one vector (the paper's and the reference code's
+    `compute_cosine_sims`), so a patch with large activations weighs more than a faint one. Blank (all-zero) units
+    give a cosine of 0, never NaN; huge values do not overflow.
 
     Args:
-        unit_patches (`torch.Tensor` of shape `(num_units, patches_per_unit, dim)`): unit features.
+        unit_patches (`torch.Tensor` of shape `(num_units, patches_per_unit, dim)`): unit features (zeros in the
+            padding slots of units smaller than the largest).
         previous_unit (`torch.Tensor` of shape `(num_units,)`): index of the predecessor, -1 for first frames.
 
     Returns:
-        change (`torch.Tensor` of shape `(num_units,)`, float32): 1 - cosine, 1 where there is no predecessor.
+        change (`torch.Tensor` of shape `(num_units,)`, float32): 1 - cosine, in [0, 2]; 1 where there is no
+            predecessor.
         has_previous (`torch.Tensor` of shape `(num_units,)`, bool): False on first frames.
     """
-    patches = unit_patches.float()
-    # The float32 norm of vectors with entries >= ~1e19 overflows to inf: scale those down first. Normalising is
+    units = unit_patches.float().flatten(1)  # (U, P * D)
+    # The float32 norm of vectors with entries >= ~1e19 overflows to inf: scale those down first. The cosine is
     # scale-invariant, so a detached scale changes neither the value nor the gradient.
-    patches = patches / patches.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-    units = F.normalize(patches, dim=-1, eps=1e-6).flatten(1)  # (U, P * D)
+    units = units / units.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    units = F.normalize(units, dim=-1, eps=1e-6)
     has_previous = previous_unit >= 0
     previous = units[previous_unit.clamp(min=0)]
-    cosine = F.cosine_similarity(units, previous, dim=-1, eps=1e-6)
+    cosine = (units * previous).sum(-1).clamp(-1.0, 1.0)
     change = torch.where(has_previous, 1.0 - cosine, torch.ones_like(cosine))
     return change, has_previous
 
 
 def temporal_aux_loss(
-    scores: torch.Tensor, unit_patches: torch.Tensor, previous_unit: torch.Tensor, detach_target: bool = True
+    logits: torch.Tensor,
+    unit_patches: torch.Tensor,
+    previous_unit: torch.Tensor,
+    detach_target: bool = True,
+    kind: str = "bce",
 ) -> torch.Tensor:
-    """Mean squared error between a unit's raw sigmoid score and 1 - cos(unit at t-1, unit at t), over t >= 1.
+    """How far each unit's score is from 1 - cos(unit at t-1, unit at t), averaged over the units of frames t >= 1.
+
+    Two forms:
+
+    - `"bce"` (the default, ours): binary cross-entropy on the logits against `clamp(1 - cos, 0.01, 0.99)`. Its
+      gradient on a logit is `sigmoid(logit) - target`, so it never vanishes while a score is wrong and stops
+      pushing once the score reaches its target: the logits stay finite (the optimum lies within +-4.6) and the
+      scorer keeps learning.
+    - `"mse"` (the paper): `(sigmoid(logit) - (1 - cos))^2`. The target is nearly binary (static units ~0, changing
+      units ~1 and often above 1, where the cosine is negative), so the loss drives the logits towards +-infinity;
+      the sigmoid saturates and the gradient it passes back vanishes within a few dozen steps.
 
     Args:
-        scores (`torch.Tensor` of shape `(num_units,)`): the scorer's sigmoid outputs.
+        logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits (before the sigmoid).
         unit_patches (`torch.Tensor` of shape `(num_units, patches_per_unit, dim)`): unit features at the scored
             block's output.
         previous_unit (`torch.Tensor` of shape `(num_units,)`): predecessor index, -1 for first frames.
         detach_target (`bool`): stop the gradient through the target (the default; ours).
+        kind (`str`): `"bce"` or `"mse"`.
 
     Returns:
-        `torch.Tensor`: a float32 scalar; 0 (still attached to `scores`) when no video has a second frame.
+        `torch.Tensor`: a float32 scalar; 0 (still attached to `logits`) when no video has a second frame.
     """
+    if kind not in AUX_LOSSES:
+        raise ValueError(f"Unknown auxiliary loss {kind!r}: expected one of {AUX_LOSSES}.")
     features = unit_patches.detach() if detach_target else unit_patches
     change, has_previous = previous_frame_change(features, previous_unit)
-    squared_error = (scores.float() - change).square()
+    logits = logits.float()
+    if kind == "bce":
+        target = change.clamp(BCE_TARGET_MARGIN, 1.0 - BCE_TARGET_MARGIN)
+        per_unit = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        per_unit = (torch.sigmoid(logits) - change).square()
     if not bool(has_previous.any()):
-        return squared_error.sum() * 0.0
-    return squared_error[has_previous].mean()
+        return per_unit.sum() * 0.0
+    return per_unit[has_previous].mean()

@@ -50,6 +50,7 @@ def build_scorer(config: STTSConfig, spec: VisionSpec) -> STTSScorer | None:
         input_size=spec.hidden_size,
         hidden_size=config.scorer_hidden_size or spec.mlp_size,
         num_heads=num_heads,
+        input_norm=config.scorer_input_norm,
     )
 
 
@@ -176,6 +177,9 @@ class STTSModel(nn.Module):
             bias_min=c.bias_min,
             keep_first_frame=c.keep_first_frame,
             detach_aux_target=c.detach_aux_target,
+            aux_loss=c.aux_loss,
+            key_bias=c.key_bias,
+            score_gate=c.score_gate,
             seed=c.seed,
             training=self.training,
         )
@@ -195,8 +199,10 @@ class STTSModel(nn.Module):
         kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
         if not self.architecture.has_language_model:
             return self._forward_frames(kwargs)
-        if not self._prunes(kwargs):
+        if id(self) in _DISABLED.get():
             return self.base_model(**self._base_inputs(kwargs))
+        if not self.architecture.has_videos(kwargs):
+            return self._attach_scorer(self.base_model(**self._base_inputs(kwargs)))
         return_dict = kwargs.pop("return_dict", None)
         model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
         outputs = self.base_model(**model_inputs, return_dict=True)
@@ -206,8 +212,31 @@ class STTSModel(nn.Module):
             if self.training and report.aux_loss is not None and weight > 0:
                 aux = weight * report.aux_loss.to(outputs.loss.dtype)
                 outputs["loss"] = outputs.loss + aux * _aux_loss_share(kwargs, outputs.loss)
+        outputs = self._attach_scorer(outputs)  # e.g. nothing pruned and aux_loss_weight 0: still a graph
         outputs.stts = self._emit(report)  # an attribute, not a key: invisible to to_tuple() and the Trainer
         return outputs if return_dict is not False else outputs.to_tuple()
+
+    def _attach_scorer(self, outputs: Any) -> Any:
+        """Outputs of a training call, tied to the trainable scorer by a term worth exactly 0.
+
+        Without it, scorer-only training (the base frozen) would get a loss with no gradient from a text- or
+        image-only batch (or with nothing pruned and `aux_loss_weight=0`) and `loss.backward()` would fail; and DDP
+        would find the scorer's parameters unused. The term adds 0 to the scorer's gradients and nothing to any
+        value (x + 0.0 == x).
+        """
+        scorer = self.scorer
+        if not (self.training and torch.is_grad_enabled() and scorer is not None):
+            return outputs
+        if not any(p.requires_grad for p in scorer.parameters()):
+            return outputs
+        # A call of the scorer itself (on no units), so that hooks on it (FSDP's all-gather) run as usual.
+        empty = torch.zeros(0, 1, scorer.input_size, device=next(scorer.parameters()).device)
+        zero = scorer(empty, torch.zeros(0, dtype=torch.long, device=empty.device), output_logits=True).sum()
+        for key in ("loss", "logits"):
+            value = outputs.get(key) if isinstance(outputs, ModelOutput) else None
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                outputs[key] = value + zero.to(value.dtype)
+        return outputs
 
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -266,6 +295,7 @@ class STTSModel(nn.Module):
             scores=layout.split(vision_pass.scores.detach()),
             aux_loss=vision_pass.aux_loss,
             sequence=sequence,
+            logits=None if vision_pass.logits is None else layout.split(vision_pass.logits.detach()),
         )
 
     def _prune_inputs(self, inputs: dict[str, Any], default_padding_side: str) -> tuple[dict[str, Any], STTSReport]:

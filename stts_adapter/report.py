@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .sequence import SequencePruning
+
+SATURATION = 1e-4
+"""A score within this distance of 0 or 1 is saturated: the sigmoid's slope there is below 1/2500 of its peak, so
+almost no gradient flows back through it."""
+SATURATED_LOGIT = math.log((1 - SATURATION) / SATURATION)  # |logit| above it: a saturated score (about 9.21)
 
 
 @dataclass
@@ -18,6 +24,8 @@ class STTSReport:
         units_after (`list[int]`): units kept per video.
         keep_masks (`list[torch.Tensor]`): per video, a `(frames, units_per_frame)` bool mask of kept units.
         scores (`list[torch.Tensor]`): per video, the `(frames, units_per_frame)` scores that chose them (detached).
+        logits (`list[torch.Tensor]`, *optional*): per video, the scorer's `(frames, units_per_frame)` logits
+            (detached; method "scorer" only). Selection ranks by them.
         aux_loss (`torch.Tensor`, *optional*): the temporal auxiliary loss of this call (method "scorer").
         lm_loss (`torch.Tensor`, *optional*): the LM loss alone, when labels were given.
         sequence (`SequencePruning`, *optional*): how the token sequences shrank; `prune_like` applies it to other
@@ -31,6 +39,18 @@ class STTSReport:
     aux_loss: torch.Tensor | None
     sequence: SequencePruning | None
     lm_loss: torch.Tensor | None = None
+    logits: list[torch.Tensor] | None = None
+
+    @property
+    def saturated_fraction(self) -> float | None:
+        """Fraction of the scorer's scores within `SATURATION` (1e-4) of 0 or 1, where the sigmoid passes almost no
+        gradient back; None without a learned scorer. A healthy run keeps it near 0."""
+        if not self.logits:
+            return None
+        logits = torch.cat([x.flatten() for x in self.logits]).float()
+        if not logits.numel():
+            return None
+        return float((logits.abs() > SATURATED_LOGIT).float().mean())
 
     @property
     def kept_fraction(self) -> float:

@@ -41,6 +41,9 @@ class PruningSettings:
     bias_min: float
     keep_first_frame: bool
     detach_aux_target: bool
+    aux_loss: str
+    key_bias: bool
+    score_gate: bool
     seed: int
     training: bool
 
@@ -61,9 +64,9 @@ class VisionPruningPass:
             own code reads the ViT's last output (a classifier head, a vision tower's pooler).
 
     Attributes set while the ViT runs:
-        scores (`(num_units,)`), keep (`(num_units,)` bool), aux_loss (scalar or None), pruned (family state after
-        pruning), captured (`{block: output}`), attention_mask (for the block running now, when its family hands
-        the mask to the block's self-attention rather than to the block).
+        scores (`(num_units,)`), logits (`(num_units,)`, method "scorer" only), keep (`(num_units,)` bool), aux_loss
+        (scalar or None), pruned (family state after pruning), captured (`{block: output}`), attention_mask (for the
+        block running now, when its family hands the mask to the block's self-attention rather than to the block).
     """
 
     def __init__(
@@ -80,9 +83,11 @@ class VisionPruningPass:
         self.entry, self.settings, self.scorer, self.layout, self.tokens = entry, settings, scorer, layout, tokens
         self.capture_blocks, self.last_block, self.restore_block = capture_blocks, last_block, restore_block
         self.scores: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.token_bias: torch.Tensor | None = None
+        self.token_gate: torch.Tensor | None = None
         self.pruned: Any = None
         self.captured: dict[int, torch.Tensor] = {}
         self.attention_mask: torch.Tensor | None = None
@@ -113,6 +118,8 @@ class VisionPruningPass:
                 args, kwargs = self.entry.biased_block_inputs(self, args, kwargs, self.token_bias)
             output = block(*args, **kwargs)
             self._capture(index, output)
+            if self.token_gate is not None:
+                output = _scaled(output, self.token_gate)
             hidden_states, self.pruned = self.entry.prune_tokens(self, output, kwargs)
             return output if index == self.restore_block else hidden_states
         if self.pruned is None:
@@ -142,18 +149,12 @@ class VisionPruningPass:
         previous_unit = layout.previous_unit.to(unit_patches.device)
         if settings.method == "scorer":
             # Selection sorts the logits: they rank units like the scores, without the ties of a saturated sigmoid
-            # (a trained scorer's static units often all score exactly 0.0 in float32, and sorting those would fall
-            # back to their position).
-            ranking = self.scorer(unit_patches, previous_unit, patch_mask, output_logits=True)
+            # (sorting tied scores would fall back to the units' positions).
+            self.logits = ranking = self.scorer(unit_patches, previous_unit, patch_mask, output_logits=True)
             scores = torch.sigmoid(ranking)
-            self.aux_loss = temporal_aux_loss(scores, unit_patches, previous_unit, settings.detach_aux_target)
-            unit_bias = soft_key_bias(
-                scores,
-                layout.frame_of_unit.to(scores.device),
-                layout.is_first_frame.to(scores.device),
-                settings.bias_min,
+            self.aux_loss = temporal_aux_loss(
+                ranking, unit_patches, previous_unit, settings.detach_aux_target, settings.aux_loss
             )
-            self.token_bias = self.tokens.per_token(unit_bias)
         elif settings.method == "similarity":
             scores = ranking = similarity_scores(unit_patches.detach(), layout)
         else:
@@ -161,6 +162,37 @@ class VisionPruningPass:
             scores = ranking = random_scores(layout, seed, device=unit_patches.device)
         self.scores = scores
         self.keep = select_units(ranking, layout, settings.prune_ratio, settings.keep_first_frame)
+        if self.logits is not None:
+            if settings.key_bias:
+                self.token_bias = self._key_bias(self.logits)
+            if settings.score_gate and self.logits.requires_grad:
+                # Worth exactly 1: the kept units' hidden states are unchanged, and the LM loss reaches each kept
+                # unit's logit with d(loss)/d(gate), how much the unit's features lower the loss (gradient x input).
+                gate = 1.0 + (self.logits - self.logits.detach())
+                self.token_gate = self.tokens.per_token(gate, fill=1.0)
+
+    def _key_bias(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The per-token soft key bias of block k+1, in the frames that lose units (None when no unit is pruned).
+
+        A frame that keeps every unit (a first frame, every frame at prune ratio 0) runs block k+1 exactly as the
+        base model: nothing is pruned there for the bias to anticipate.
+        """
+        if bool(self.keep.all()):
+            return None
+        layout = self.layout
+        frame_of_unit = layout.frame_of_unit.to(logits.device)
+        frame_loses_units = torch.zeros(layout.num_frames, dtype=torch.bool, device=logits.device)
+        frame_loses_units[frame_of_unit[~self.keep]] = True
+        unbiased = ~frame_loses_units[frame_of_unit]  # first frames too
+        unit_bias = soft_key_bias(logits, frame_of_unit, unbiased, self.settings.bias_min)
+        return self.tokens.per_token(unit_bias)
+
+
+def _scaled(block_output: Any, token_gate: torch.Tensor) -> Any:
+    """A block's output with every token's hidden state multiplied by its gate (`token_gate` in flat token order)."""
+    hidden = _hidden_states(block_output)
+    scaled = hidden * token_gate.to(hidden.dtype).view(*hidden.shape[:-1], 1)
+    return (scaled, *block_output[1:]) if isinstance(block_output, tuple) else scaled
 
 
 def _hidden_states(block_output: Any) -> torch.Tensor:

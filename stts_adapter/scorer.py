@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -46,9 +47,12 @@ class STTSScorer(nn.Module):
         input_size (`int`): the ViT's hidden size D.
         hidden_size (`int`): the MLP width H.
         num_heads (`int`): heads of the attention pooling.
+        input_norm (`bool`): read the patches through a LayerNorm without parameters (ours; the paper's scorer reads
+            the residual stream as it is). The scores then do not depend on the scale of the ViT's features, which
+            grows with depth and drifts when the ViT is fine-tuned, and stay finite for any input.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_heads: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, num_heads: int, input_norm: bool = True) -> None:
         super().__init__()
         if input_size % num_heads:
             raise ValueError(
@@ -56,6 +60,7 @@ class STTSScorer(nn.Module):
                 f"({input_size}); set STTSConfig.scorer_num_heads to a divisor."
             )
         self.input_size, self.hidden_size, self.num_heads = input_size, hidden_size, num_heads
+        self.input_norm = input_norm
         self.pool = UnitAttentionPool(input_size, num_heads)
         self.mlp = nn.Sequential(
             nn.Linear(2 * input_size, hidden_size),
@@ -105,21 +110,41 @@ class STTSScorer(nn.Module):
         dtype = self.mlp[0].weight.dtype
         if patch_mask is not None and bool(patch_mask.all()):
             patch_mask = None  # the common case: the fast path, and exactly the unmasked computation
-        current = self.pool(unit_patches.to(dtype), patch_mask)  # (U, D)
+        unit_patches = unit_patches.to(dtype)
+        if self.input_norm:
+            unit_patches = _layer_norm(unit_patches)
+        current = self.pool(unit_patches, patch_mask)  # (U, D)
         has_previous = (previous_unit >= 0).unsqueeze(-1)
         previous = torch.where(has_previous, current[previous_unit.clamp(min=0)], torch.zeros_like(current))
         logits = self.mlp(torch.cat([previous, current], dim=-1)).squeeze(-1)
         return logits if output_logits else torch.sigmoid(logits)
 
 
-def soft_key_bias(scores: torch.Tensor, frame_of_unit: torch.Tensor, is_first_frame: torch.Tensor, bias_min: float):
-    """log(s'), where s' is the score rescaled per frame to [bias_min, 1]: the best unit of a frame gets 0, the worst
-    log(bias_min). First frames, and frames whose units all score the same, get 0.
+def _layer_norm(patches: torch.Tensor) -> torch.Tensor:
+    """Every patch vector to zero mean and unit variance. Scaled down first (a detached factor: the LayerNorm is
+    scale-invariant) so that the variance of huge activations cannot overflow."""
+    patches = patches / patches.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    return F.layer_norm(patches, patches.shape[-1:], eps=1e-6)
 
-    The bias keeps its gradient: this is how the LM loss reaches the scorer.
+
+def soft_key_bias(
+    logits: torch.Tensor, frame_of_unit: torch.Tensor, is_first_frame: torch.Tensor, bias_min: float
+) -> torch.Tensor:
+    """log(s'), where s' is the score `sigmoid(logit)` rescaled per frame to [bias_min, 1]: the best unit of a frame
+    gets 0, the worst log(bias_min). First frames, and frames whose units all score the same, get 0.
+
+    The bias keeps its gradient: this is how the LM loss reaches the scorer. It is computed from the logits, in
+    float64, on the tail of the sigmoid where the frame's scores are exact (1 - s for a frame of scores near 1), so
+    a frame of saturated scores (in float32 every logit above about 17 gives exactly 1.0) still has distinct scores
+    and passes the LM gradient; only a frame whose scores are equal to float64 precision counts as flat.
+
+    As the rescaling is per frame, the bias of a frame does not change when all its scores move together (nor does
+    attention, which is per frame): the LM loss orders the units within each frame. The lowest and highest units
+    of a frame always get log(bias_min) and 0 and receive their gradient through the others' rescaling (a frame of
+    two units has a constant bias).
 
     Args:
-        scores (`torch.Tensor` of shape `(num_units,)`): sigmoid scores.
+        logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits.
         frame_of_unit (`torch.Tensor` of shape `(num_units,)`): global frame index of each unit.
         is_first_frame (`torch.Tensor` of shape `(num_units,)`, bool).
         bias_min (`float`): in (0, 1].
@@ -127,11 +152,19 @@ def soft_key_bias(scores: torch.Tensor, frame_of_unit: torch.Tensor, is_first_fr
     Returns:
         `torch.Tensor` of shape `(num_units,)`, float32, <= 0.
     """
-    scores = scores.float()
+    logits = logits.double()
     num_frames = int(frame_of_unit.max()) + 1
-    lowest = scores.new_full((num_frames,), float("inf")).scatter_reduce(0, frame_of_unit, scores, "amin")
-    highest = scores.new_full((num_frames,), float("-inf")).scatter_reduce(0, frame_of_unit, scores, "amax")
-    low, span = lowest[frame_of_unit], (highest - lowest)[frame_of_unit]
-    flat = (span <= 1e-6) | is_first_frame
-    rescaled = bias_min + (1.0 - bias_min) * (scores - low) / torch.where(flat, torch.ones_like(span), span)
-    return torch.where(flat, torch.zeros_like(scores), torch.log(rescaled))
+    upper_tail = _per_frame(logits, frame_of_unit, num_frames, "mean")[frame_of_unit] > 0
+    tail = torch.sigmoid(torch.where(upper_tail, -logits, logits))  # min(s, 1 - s) where the frame's scores are
+    low = _per_frame(tail, frame_of_unit, num_frames, "amin")[frame_of_unit]
+    high = _per_frame(tail, frame_of_unit, num_frames, "amax")[frame_of_unit]
+    above_lowest = torch.where(upper_tail, high - tail, tail - low)  # s - (the frame's lowest s)
+    span = high - low
+    flat = (span <= 1e-12 * high) | is_first_frame
+    rescaled = bias_min + (1.0 - bias_min) * above_lowest / torch.where(flat, torch.ones_like(span), span)
+    return torch.where(flat, torch.zeros_like(logits), torch.log(rescaled)).float()
+
+
+def _per_frame(values: torch.Tensor, frame_of_unit: torch.Tensor, num_frames: int, reduce: str) -> torch.Tensor:
+    """`(num_frames,)` reduction ("mean", "amin", "amax") of a per-unit value over each frame's units."""
+    return values.new_zeros(num_frames).scatter_reduce(0, frame_of_unit, values, reduce, include_self=False)

@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .model import STTSModel
-from .report import STTSReport
+from .report import SATURATED_LOGIT, STTSReport
 
 SCORER_GROUP = "stts_scorer"
 """`name` of the optimizer parameter groups that hold the scorer (see `stts_parameter_groups`)."""
@@ -192,6 +192,27 @@ def _trainable_with_decay(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     return result
 
 
+def scorer_grad_norm(model: nn.Module) -> float | None:
+    """The L2 norm of the STTS scorer's current gradient (what `backward` accumulated in its `.grad`).
+
+    Call it between `loss.backward()` and `optimizer.zero_grad()` to see whether the losses still reach the scorer:
+    a norm that falls to ~0 while the loss does not means the scorer has stopped learning (saturated scores).
+
+    Args:
+        model (`nn.Module`): an `STTSModel`, possibly wrapped (DDP, FSDP, `torch.compile`). With FSDP2 every process
+            must call it (the sharded gradients are gathered).
+
+    Returns:
+        `float`, or None when the model has no learned scorer or the scorer has no gradient yet.
+    """
+    scorer = find_stts_model(model).scorer
+    grads = [p.grad for p in scorer.parameters() if p.grad is not None] if scorer is not None else []
+    if not grads:
+        return None
+    squares = [(g.full_tensor() if hasattr(g, "full_tensor") else g).double().square().sum() for g in grads]
+    return float(torch.stack(squares).sum().sqrt())
+
+
 # ------------------------------------------------------------------------------------------- Trainer callback
 class _ReportStats:
     """Running sums of the reports of one phase (training or evaluation) between two logging events, kept as tensors
@@ -207,6 +228,8 @@ class _ReportStats:
         self.lm: list[torch.Tensor] = []
         self.score_moments: list[torch.Tensor] = []  # (sum, sum of squares, count) per call
         self.score_extremes: list[torch.Tensor] = []  # (min, -max) per call
+        self.saturation: list[torch.Tensor] = []  # (saturated scores, scores) per call with a learned scorer
+        self.grad_norms: list[float] = []  # the scorer's gradient norm at every optimizer step
 
     def add(self, report: STTSReport) -> None:
         self.calls += 1
@@ -222,6 +245,10 @@ class _ReportStats:
             count = torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device)
             self.score_moments.append(torch.stack([scores.sum(), scores.square().sum(), count]))
             self.score_extremes.append(torch.stack([scores.min(), -scores.max()]))
+        if report.logits:
+            logits = torch.cat([x.detach().double().flatten() for x in report.logits])
+            saturated = (logits.abs() > SATURATED_LOGIT).sum().double()
+            self.saturation.append(torch.stack([saturated, torch.tensor(float(logits.numel()), device=logits.device)]))
 
     def summary(self, device: torch.device | str, distributed: bool) -> dict[str, float]:
         """The statistics since the last reset, averaged over every process when `distributed` (a collective call:
@@ -240,6 +267,8 @@ class _ReportStats:
                 total(self.aux, 1),
                 total(self.lm, 1),
                 total(self.score_moments, 3),
+                total(self.saturation, 2),
+                torch.tensor([sum(self.grad_norms), len(self.grad_norms)], dtype=torch.float64, device=device),
             ]
         )
         extremes = torch.full((2,), math.inf, dtype=torch.float64, device=device)
@@ -248,8 +277,10 @@ class _ReportStats:
         if distributed:
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
             torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MIN)
-        calls, videos, before, after, aux_n, lm_n, aux, lm, s_sum, s_sq, s_n = sums.tolist()
+        calls, videos, before, after, aux_n, lm_n, aux, lm, s_sum, s_sq, s_n, sat, sat_n, g_sum, g_n = sums.tolist()
         metrics: dict[str, float] = {}
+        if g_n:
+            metrics["scorer_grad_norm"] = g_sum / g_n
         if calls == 0 or videos == 0:
             return metrics
         metrics["kept_fraction"] = after / max(before, 1.0)
@@ -265,6 +296,8 @@ class _ReportStats:
             metrics["score_std"] = math.sqrt(max(s_sq / s_n - mean * mean, 0.0))
             metrics["score_min"] = extremes[0].item()
             metrics["score_max"] = -extremes[1].item()
+        if sat_n:
+            metrics["saturated_fraction"] = sat / sat_n
         return metrics
 
 
@@ -279,6 +312,10 @@ class STTSCallback(TrainerCallback):
     - `stts_kept_fraction`: kept video units over all video units;
     - `stts_video_tokens_before` / `stts_video_tokens_after`: video tokens (units) per video, before and after;
     - `stts_score_mean`, `stts_score_std`, `stts_score_min`, `stts_score_max`: statistics of the scorer's scores;
+    - `stts_saturated_fraction`: the fraction of scores within 1e-4 of 0 or 1, where the sigmoid passes almost no
+      gradient (a healthy run keeps it near 0; see `STTSReport.saturated_fraction`);
+    - `stts_scorer_grad_norm`: the L2 norm of the scorer's gradient at each optimizer step (after the Trainer's
+      gradient clipping, as the optimizer sees it), averaged over the steps since the previous log;
     - `stts_scorer_lr`: the scorer's learning rate, when the optimizer was built with `stts_parameter_groups`.
 
     Evaluation logs get the same numbers for the evaluation calls, under the evaluation prefix (`eval_stts_...`).
@@ -339,6 +376,12 @@ class STTSCallback(TrainerCallback):
         if model is not None:
             self.attach(model)  # added after the Trainer was built (add_stts_callback, trainer.add_callback)
         self._train.reset()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._model is not None:
+            norm = scorer_grad_norm(self._model)
+            if norm is not None:
+                self._train.grad_norms.append(norm)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None:

@@ -17,6 +17,8 @@ def test_defaults_match_the_spec():
     assert config.prune_layer == 3
     assert config.method == "scorer"
     assert config.aux_loss_weight == 0.5
+    assert config.aux_loss == "bce"  # ours; the paper's "mse" saturates (see the README's method section)
+    assert config.scorer_input_norm is True and config.score_gate is False
     assert config.bias_min == pytest.approx(math.exp(-2), rel=1e-12)
     assert math.log(config.bias_min) == pytest.approx(-2.0, abs=1e-12)
     assert config.keep_first_frame is True
@@ -51,6 +53,8 @@ INVALID = [
     ("bias_min", 1.5),
     ("bias_min", float("nan")),
     ("aux_loss_weight", -1),
+    ("aux_loss", "l2"),
+    ("aux_loss", None),
     ("aux_loss_weight", float("inf")),
     ("scorer_hidden_size", 0),
     ("scorer_hidden_size", -8),
@@ -114,6 +118,10 @@ NON_DEFAULT = dict(
     prune_layer=5,
     method="similarity",
     aux_loss_weight=0.25,
+    aux_loss="mse",
+    key_bias=False,
+    score_gate=True,
+    scorer_input_norm=False,
     bias_min=0.2,
     keep_first_frame=False,
     scorer_hidden_size=32,
@@ -151,6 +159,18 @@ def test_from_dict_uses_defaults_for_missing_keys():
     assert config.prune_ratio == 0.3
     assert config.prune_layer == 3
     assert config.method == "scorer"
+
+
+def test_a_config_saved_before_an_option_existed_keeps_the_behaviour_it_was_trained_with():
+    """stts_adapter 0.1.0 wrote neither `aux_loss` (its loss was the paper's MSE) nor `scorer_input_norm` (its scorer
+    read the raw residual stream); a fresh config gets the new defaults."""
+    saved = {k: v for k, v in STTSConfig().to_dict().items() if k not in ("aux_loss", "scorer_input_norm")}
+    old = STTSConfig.from_dict({**saved, "stts_adapter_version": "0.1.0"})
+    assert old.aux_loss == "mse" and old.scorer_input_norm is False
+    new = STTSConfig.from_dict(saved)
+    assert new.aux_loss == "bce" and new.scorer_input_norm is True
+    explicit = STTSConfig.from_dict({**saved, "stts_adapter_version": "0.1.0", "aux_loss": "bce"})
+    assert explicit.aux_loss == "bce"
 
 
 def test_from_dict_validates():

@@ -114,15 +114,76 @@ def test_disabled_equals_the_bare_model_exactly(case, model):
     assert torch.equal(stts.base_model(**batch).logits, bare.logits)  # the wrapped model called directly
 
 
-@pytest.mark.parametrize("method", ["similarity", "random"])
-def test_pruning_nothing_through_the_pruning_path_reproduces_the_bare_model(case, model, method):
+@pytest.mark.parametrize("method", ["scorer", "similarity", "random"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_pruning_nothing_through_the_pruning_path_reproduces_the_bare_model(case, model, method, mode):
+    """prune_ratio=0: the scorer's key bias is off too (no frame loses a unit), in training as in evaluation."""
     batch = batch_of(case, model, answers=True, padding_side="right")
-    bare = model(**batch)
+    model.train(mode == "train")
+    with torch.no_grad():
+        bare = model(**batch)
     out = stts_of(model, case, prune_ratio=0.0, method=method)(**batch)
+    assert out.stts.units_after == out.stts.units_before
     real = batch["attention_mask"].bool()
     assert out.logits.shape == bare.logits.shape
     torch.testing.assert_close(out.logits[real], bare.logits[real], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.loss, bare.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.stts.lm_loss, bare.loss, atol=1e-5, rtol=1e-5)
+
+
+def frame_of_vit_token(stts, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frame (in the report's order) of every ViT token of a block's output, flattened, and the layout's
+    frames."""
+    entry = stts.architecture
+    layout = entry.video_layout(model, batch)
+    tokens = entry.vision_tokens(model, batch, layout)
+    if hasattr(tokens, "tokens_per_frame"):  # frames as a batch: (frames, tokens, dim)
+        return torch.arange(len(tokens.token_unit)) // tokens.tokens_per_frame, layout
+    return layout.frame_of_unit[tokens.token_unit.cpu()], layout  # one packed sequence, in the ViT's order
+
+
+def test_a_frame_that_keeps_every_unit_runs_the_biased_block_as_the_bare_model(case, model):
+    """The soft key bias anticipates pruning: a frame that loses nothing gets none, so block k+1 computes it exactly
+    as the bare model does, while the frames that lose units are biased."""
+    batch = batch_of(case, model)
+    stts = stts_of(model, case, prune_ratio=0.25)
+    first = stts(**batch).stts
+    boost = torch.cat(
+        [
+            torch.arange(m.numel()).view(m.shape)[1] + offset
+            for m, offset in zip(first.keep_masks, torch.tensor([0, *[m.numel() for m in first.keep_masks]]).cumsum(0))
+        ]
+    )  # every unit of each video's frame 1
+
+    def keep_frame_one(module, args, logits):
+        return logits.index_add(0, boost, torch.full((len(boost),), 30.0)) if logits.numel() else logits
+
+    block = stts.architecture.get_vision_blocks(model)[case.prune_layer + 1].base_layer
+    outputs = []
+    hooks = [
+        stts.scorer.register_forward_hook(keep_frame_one),
+        block.register_forward_hook(lambda module, args, output: outputs.append(_hidden(output).detach())),
+    ]
+    report = stts(**batch).stts
+    with stts.disable_stts():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    pruned, bare = (o.reshape(-1, o.shape[-1]) for o in outputs)
+    frame_of_token, layout = frame_of_vit_token(stts, model, batch)
+    kept_whole = torch.cat([m.all(dim=1) for m in report.keep_masks])  # per frame
+    first_frames = layout.is_first_frame[torch.tensor(layout.video_offsets[:-1])]
+    assert any(bool(m[1].all()) for m in report.keep_masks if len(m) > 2)  # frame 1 of a longer video kept whole
+    for frame in range(layout.num_frames):
+        tokens = frame_of_token == frame
+        if kept_whole[frame]:
+            torch.testing.assert_close(pruned[tokens], bare[tokens], atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(pruned[tokens], bare[tokens], atol=1e-5)  # biased
+    assert bool(first_frames.all())
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 # --------------------------------------------------------------------------------------------- counts

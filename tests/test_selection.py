@@ -4,6 +4,7 @@ Every expected value is computed independently in this file, from the method spe
 brute-force Python reference, never by the function under test.
 """
 
+import decimal
 import math
 from fractions import Fraction
 
@@ -12,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stts_adapter.losses import temporal_aux_loss
+from stts_adapter.losses import previous_frame_change, temporal_aux_loss
 from stts_adapter.scorer import STTSScorer, soft_key_bias
 from stts_adapter.selection import (
     VideoLayout,
@@ -59,11 +60,9 @@ def ref_keep(scores, frames, units, counts, keep_first_frame):
 
 
 def ref_change(unit_patches, previous):
-    """float64 1 - cos(concat of L2-normalised patches at t-1, at t); a zero vector has cosine 0, first frames None."""
-    x = unit_patches.double()
-    norms = x.norm(dim=-1, keepdim=True)
-    units = torch.where(norms > 0, x / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(x))
-    units = units.flatten(1)
+    """float64 1 - cos(unit at t-1, unit at t), a unit being its patch vectors concatenated (the paper); a zero vector
+    has cosine 0, first frames None."""
+    units = unit_patches.double().flatten(1)
     out = []
     for i, p in enumerate(previous):
         if p < 0:
@@ -76,25 +75,39 @@ def ref_change(unit_patches, previous):
     return out
 
 
-def ref_aux_loss(scores, unit_patches, previous):
-    """Spec formula: mean over t >= 1 of (score - (1 - cos))^2, in float64."""
+def ref_aux_loss(logits, unit_patches, previous, kind="bce"):
+    """Mean over t >= 1, in float64, of: BCE(sigmoid(logit), clamp(1 - cos, 0.01, 0.99)) ("bce", ours) or
+    (sigmoid(logit) - (1 - cos))^2 ("mse", the paper)."""
     change = ref_change(unit_patches, previous)
-    terms = [(float(s) - c) ** 2 for s, c in zip(scores.tolist(), change) if c is not None]
+    terms = []
+    for z, c in zip(logits.tolist(), change):
+        if c is None:
+            continue
+        s = 1 / (1 + math.exp(-z))
+        if kind == "mse":
+            terms.append((s - c) ** 2)
+        else:
+            t = min(max(c, 0.01), 0.99)  # the clamped target, a 1% margin from 0 and 1
+            terms.append(-(t * math.log(s) + (1 - t) * math.log(1 - s)))
     return sum(terms) / len(terms)
 
 
-def ref_key_bias(scores, frame_of_unit, first, bias_min):
-    """Spec: per frame rescale to [bias_min, 1] then log; first frames and constant frames get 0."""
-    scores, out = scores.tolist(), []
-    by_frame = {}
-    for s, f in zip(scores, frame_of_unit):
-        by_frame.setdefault(f, []).append(s)
-    for s, f, is_first in zip(scores, frame_of_unit, first):
-        low, high = min(by_frame[f]), max(by_frame[f])
-        if is_first or high - low <= 1e-6:
-            out.append(0.0)
-        else:
-            out.append(math.log(bias_min + (1 - bias_min) * (s - low) / (high - low)))
+def ref_key_bias(logits, frame_of_unit, first, bias_min):
+    """Spec: scores = sigmoid(logits), per frame rescaled to [bias_min, 1], then log; first frames and frames whose
+    scores are all equal get 0. In 50-digit decimal arithmetic, so saturated scores stay distinct."""
+    with decimal.localcontext() as context:
+        context.prec = 50
+        scores = [1 / (1 + (-decimal.Decimal(float(z))).exp()) for z in logits.tolist()]
+        by_frame, out = {}, []
+        for s, f in zip(scores, frame_of_unit):
+            by_frame.setdefault(f, []).append(s)
+        for s, f, is_first in zip(scores, frame_of_unit, first):
+            low, high = min(by_frame[f]), max(by_frame[f])
+            if is_first or high == low:
+                out.append(0.0)
+            else:
+                rescaled = decimal.Decimal(bias_min) + (1 - decimal.Decimal(bias_min)) * (s - low) / (high - low)
+                out.append(float(rescaled.ln()))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -359,6 +372,7 @@ def make_changing_video(generator):
     frame1[2] = torch.randn(2, 8, generator=generator)
     frame2 = frame1.clone()
     frame2[0] *= 3.0  # same direction: L2 normalisation makes it identical
+    frame2[1] += 0.1 * torch.randn(2, 8, generator=generator)
     frame2[2] = -frame1[2]  # opposite: change 2
     return torch.cat([frame0, frame1, frame2])
 
@@ -373,7 +387,7 @@ def test_similarity_scores_identical_units_score_lowest():
     assert scores[3] == pytest.approx(0.0, abs=1e-5)  # identical to its previous frame
     assert scores[6] == pytest.approx(0.0, abs=1e-5)  # rescaled copy: identical after normalisation
     assert scores[8] == pytest.approx(2.0, abs=1e-5)  # opposite
-    assert 1e-4 < scores[4] < scores[5]
+    assert 1e-4 < scores[4] < scores[5] and 1e-4 < scores[7] < scores[8]
     reference = ref_change(patches, ref_previous((3,), (3,)))
     torch.testing.assert_close(scores[3:].double(), torch.tensor(reference[3:], dtype=torch.float64), atol=1e-5, rtol=0)
     # The static units are the ones pruned first.
@@ -394,108 +408,162 @@ def test_similarity_scores_never_pair_across_videos():
 
 # --------------------------------------------------------------------------------------------- soft key bias
 def bias_inputs(seed=0):
+    """Logits of 12 units (LAYOUT); video 1, frame 2 is constant."""
     generator = torch.Generator().manual_seed(seed)
-    scores = torch.rand(12, generator=generator)
-    scores[10:] = 0.4  # video 1, frame 2: constant
-    return scores
+    logits = torch.randn(12, generator=generator) * 2
+    logits[10:] = -0.4
+    return logits
 
 
 def test_soft_key_bias_matches_the_spec():
-    scores = bias_inputs()
+    logits = bias_inputs()
     frame_of_unit = [g for *_, g in ref_units((2, 3), (3, 2))]
     first = [f == 0 for _, f, _, _ in ref_units((2, 3), (3, 2))]
-    bias = soft_key_bias(scores, torch.tensor(frame_of_unit), torch.tensor(first), BIAS_MIN)
+    bias = soft_key_bias(logits, torch.tensor(frame_of_unit), torch.tensor(first), BIAS_MIN)
     assert bias.shape == (12,)
     assert bias.dtype == torch.float32
-    expected = ref_key_bias(scores, frame_of_unit, first, BIAS_MIN)
+    expected = ref_key_bias(logits, frame_of_unit, first, BIAS_MIN)
     torch.testing.assert_close(bias.double(), expected, atol=1e-5, rtol=0)
 
 
 def test_soft_key_bias_range_extremes_and_zero_frames():
-    scores = bias_inputs()
-    bias = soft_key_bias(scores, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, BIAS_MIN)
+    logits = bias_inputs()
+    bias = soft_key_bias(logits, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, BIAS_MIN)
     assert bool((bias <= 0).all())
     assert bool((bias >= math.log(BIAS_MIN) - 1e-5).all())
     # First frames and the constant frame get 0.
     assert bias[[0, 1, 2, 6, 7, 10, 11]].tolist() == [0.0] * 7
     # Every other frame: its best unit gets 0, its worst log(bias_min) = -2.
     for units in ([3, 4, 5], [8, 9]):
-        frame_scores = scores[units]
-        best, worst = units[int(frame_scores.argmax())], units[int(frame_scores.argmin())]
+        frame_logits = logits[units]
+        best, worst = units[int(frame_logits.argmax())], units[int(frame_logits.argmin())]
         assert bias[best] == pytest.approx(0.0, abs=1e-6)
         assert bias[worst] == pytest.approx(-2.0, abs=1e-5)
 
 
 def test_soft_key_bias_other_bias_min():
-    scores = bias_inputs()
-    assert soft_key_bias(scores, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, 1.0).abs().max() == 0
-    bias = soft_key_bias(scores, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, 0.5)
+    logits = bias_inputs()
+    assert soft_key_bias(logits, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, 1.0).abs().max() == 0
+    bias = soft_key_bias(logits, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, 0.5)
     assert float(bias.min()) == pytest.approx(math.log(0.5), abs=1e-5)
 
 
-def test_soft_key_bias_passes_gradient_to_scores():
-    scores = bias_inputs().requires_grad_(True)
-    bias = soft_key_bias(scores, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, BIAS_MIN)
-    assert bias.requires_grad
-    weights = torch.linspace(0.5, 2.0, 12)
-    (bias * weights).sum().backward()
-    grad = scores.grad
-    assert grad is not None
-    assert bool(grad.isfinite().all())
-    assert grad[[0, 1, 2, 6, 7, 10, 11]].abs().max() == 0  # first frames and constant frame: no bias, no gradient
-    assert grad[[3, 4, 5]].abs().max() > 0
-    assert grad[[8, 9]].abs().max() > 0
-    # Compare with a float64 finite-difference of the spec formula on a middle unit of frame 1.
-    middle = [3, 4, 5][int(scores[[3, 4, 5]].argsort()[1])]
+def finite_difference_of_the_spec(logits, weights, unit, eps=1e-6):
     frame_of_unit, first = LAYOUT.frame_of_unit.tolist(), LAYOUT.is_first_frame.tolist()
 
     def objective(values):
         return float((ref_key_bias(values, frame_of_unit, first, BIAS_MIN) * weights.double()).sum())
 
-    eps = 1e-6
-    plus, minus = scores.detach().double().clone(), scores.detach().double().clone()
-    plus[middle] += eps
-    minus[middle] -= eps
-    numeric = (objective(plus) - objective(minus)) / (2 * eps)
-    assert float(grad[middle]) == pytest.approx(numeric, rel=1e-3)
+    plus, minus = logits.detach().double().clone(), logits.detach().double().clone()
+    plus[unit] += eps
+    minus[unit] -= eps
+    return (objective(plus) - objective(minus)) / (2 * eps)
+
+
+def test_soft_key_bias_passes_gradient_to_the_logits():
+    logits = bias_inputs().requires_grad_(True)
+    bias = soft_key_bias(logits, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, BIAS_MIN)
+    assert bias.requires_grad
+    weights = torch.linspace(0.5, 2.0, 12)
+    (bias * weights).sum().backward()
+    grad = logits.grad
+    assert grad is not None
+    assert bool(grad.isfinite().all())
+    assert grad[[0, 1, 2, 6, 7, 10, 11]].abs().max() == 0  # first frames and constant frame: no bias, no gradient
+    assert grad[[3, 4, 5]].abs().min() > 0  # the middle unit directly, the lowest and highest through its rescaling
+    assert grad[[8, 9]].abs().max() == 0  # two units: always (log bias_min, 0), a constant
+    middle = [3, 4, 5][int(logits[[3, 4, 5]].argsort()[1])]  # a unit that is neither the frame's min nor its max
+    assert float(grad[middle]) == pytest.approx(finite_difference_of_the_spec(logits, weights, middle), rel=1e-4)
+
+
+@pytest.mark.parametrize("centre", [-30.0, -12.0, 12.0, 30.0])
+def test_soft_key_bias_gives_saturated_frames_their_gradient(centre):
+    """Logits far from 0 give float32 sigmoid scores that tie (all exactly 1.0 above ~17, or differ only below
+    1e-6); the frame still has distinct scores, so it is biased and the LM loss reaches its units."""
+    logits = torch.tensor([centre, centre, centre, centre - 1.0, centre + 0.5, centre + 1.5, 0, 0, 0, 0, 0, 0])
+    logits.requires_grad_(True)
+    bias = soft_key_bias(logits, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, BIAS_MIN)
+    assert bias[3].item() == pytest.approx(-2.0, abs=1e-4) and bias[5].item() == pytest.approx(0.0, abs=1e-6)
+    weights = torch.linspace(0.5, 2.0, 12)
+    (bias * weights).sum().backward()
+    assert bool(logits.grad.isfinite().all())
+    assert logits.grad[[3, 4, 5]].abs().min() > 1e-3  # every unit of the frame: min, middle and max
+    numeric = finite_difference_of_the_spec(logits, weights, 4, eps=1e-5)
+    assert float(logits.grad[4]) == pytest.approx(numeric, rel=1e-3)
 
 
 # --------------------------------------------------------------------------------------------- temporal aux loss
-def test_temporal_aux_loss_equals_the_spec_formula():
+@pytest.mark.parametrize("kind", ["bce", "mse"])
+def test_temporal_aux_loss_equals_the_spec_formula(kind):
     generator = torch.Generator().manual_seed(0)
     layout = VideoLayout((3, 1, 2), (4, 2, 3), 3)  # the 1-frame video contributes nothing
     patches = torch.randn(layout.num_units, 3, 5, generator=generator)
     patches[5] = 2.5 * patches[1]  # identical after normalisation
-    scores = torch.rand(layout.num_units, generator=generator)
+    patches[6] = -patches[2]  # cosine -1: target 2, clamped to 1 by "bce"
+    logits = torch.randn(layout.num_units, generator=generator) * 3
     previous = ref_previous((3, 1, 2), (4, 2, 3))
-    loss = temporal_aux_loss(scores, patches, torch.tensor(previous))
+    loss = temporal_aux_loss(logits, patches, torch.tensor(previous), kind=kind)
     assert loss.dim() == 0
     assert loss.dtype == torch.float32
-    assert float(loss) == pytest.approx(ref_aux_loss(scores, patches, previous), rel=1e-5, abs=1e-7)
+    assert float(loss) == pytest.approx(ref_aux_loss(logits, patches, previous, kind), rel=1e-5, abs=1e-7)
 
 
-def test_temporal_aux_loss_gradient_on_scores_matches_the_spec():
+def test_temporal_aux_loss_default_is_bce():
+    generator = torch.Generator().manual_seed(5)
+    patches = torch.randn(12, 2, 4, generator=generator)
+    logits = torch.randn(12, generator=generator)
+    default = temporal_aux_loss(logits, patches, LAYOUT.previous_unit)
+    assert torch.equal(default, temporal_aux_loss(logits, patches, LAYOUT.previous_unit, kind="bce"))
+    with pytest.raises(ValueError, match="bce"):
+        temporal_aux_loss(logits, patches, LAYOUT.previous_unit, kind="l1")
+
+
+@pytest.mark.parametrize("kind", ["bce", "mse"])
+def test_temporal_aux_loss_gradient_on_the_logits_matches_the_spec(kind):
     generator = torch.Generator().manual_seed(1)
     layout = VideoLayout((2, 3), (3, 2), 2)
     patches = torch.randn(layout.num_units, 2, 4, generator=generator)
-    scores = torch.rand(layout.num_units, generator=generator).requires_grad_(True)
+    logits = (torch.randn(layout.num_units, generator=generator) * 2).requires_grad_(True)
     previous = ref_previous((2, 3), (3, 2))
-    temporal_aux_loss(scores, patches, torch.tensor(previous)).backward()
+    temporal_aux_loss(logits, patches, torch.tensor(previous), kind=kind).backward()
     change = ref_change(patches, previous)
     count = sum(c is not None for c in change)
-    expected = [0.0 if c is None else 2 * (float(s) - c) / count for s, c in zip(scores.tolist(), change)]
-    torch.testing.assert_close(scores.grad.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    expected = []
+    for z, c in zip(logits.tolist(), change):
+        s = 1 / (1 + math.exp(-z))
+        if c is None:
+            expected.append(0.0)
+        elif kind == "bce":  # d BCE / d logit = sigmoid - target
+            expected.append((s - min(max(c, 0.01), 0.99)) / count)
+        else:  # d (s - c)^2 / d logit = 2 (s - c) s (1 - s)
+            expected.append(2 * (s - c) * s * (1 - s) / count)
+    torch.testing.assert_close(logits.grad.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+def test_the_bce_aux_loss_keeps_a_gradient_where_the_mse_one_saturates():
+    """A changing unit (target 1 - cos = 1.6) with a logit of -30: the paper's MSE on the sigmoid passes ~1e-13 back
+    (the unit can never be corrected); the BCE on the logit passes (sigmoid - 1) / count."""
+    patches = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(6))
+    patches[3:] = -0.6 * patches[:3] + 0.1 * torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(7))
+    layout = VideoLayout((2,), (3,), 2)
+    gradients = {}
+    for kind in ("bce", "mse"):
+        logits = torch.full((6,), -30.0, requires_grad=True)
+        temporal_aux_loss(logits, patches, layout.previous_unit, kind=kind).backward()
+        gradients[kind] = logits.grad[3:].abs()
+    assert bool((gradients["mse"] < 1e-11).all())
+    assert bool((gradients["bce"] > 0.3).all())  # (1 - 0) / 3 units
 
 
 def test_temporal_aux_loss_detach_target():
     generator = torch.Generator().manual_seed(2)
     patches = torch.randn(12, 4, 6, generator=generator)
-    scores = torch.rand(12, generator=generator).requires_grad_(True)
+    logits = torch.randn(12, generator=generator).requires_grad_(True)
     detached = patches.clone().requires_grad_(True)
-    temporal_aux_loss(scores, detached, LAYOUT.previous_unit, detach_target=True).backward()
+    temporal_aux_loss(logits, detached, LAYOUT.previous_unit, detach_target=True).backward()
     assert detached.grad is None or detached.grad.abs().max() == 0
     attached = patches.clone().requires_grad_(True)
-    temporal_aux_loss(scores, attached, LAYOUT.previous_unit, detach_target=False).backward()
+    temporal_aux_loss(logits, attached, LAYOUT.previous_unit, detach_target=False, kind="mse").backward()
     assert attached.grad is not None and attached.grad.abs().max() > 0
 
 
@@ -516,26 +584,46 @@ def huge_blank_identical_inputs():
 
 @pytest.mark.parametrize("case", list(huge_blank_identical_inputs()))
 @pytest.mark.parametrize("detach_target", [True, False])
-def test_temporal_aux_loss_is_finite_in_value_and_gradient(case, detach_target):
+@pytest.mark.parametrize("kind", ["bce", "mse"])
+def test_temporal_aux_loss_is_finite_in_value_and_gradient(case, detach_target, kind):
     patches = huge_blank_identical_inputs()[case].clone().requires_grad_(True)
-    scores = torch.full((12,), 0.5).requires_grad_(True)
-    loss = temporal_aux_loss(scores, patches, LAYOUT.previous_unit, detach_target=detach_target)
+    logits = torch.tensor([0.0, 50.0, -50.0, 1e4, -1e4, 3.0] * 2).requires_grad_(True)
+    loss = temporal_aux_loss(logits, patches, LAYOUT.previous_unit, detach_target=detach_target, kind=kind)
     assert bool(torch.isfinite(loss))
     loss.backward()
-    assert bool(scores.grad.isfinite().all())
+    assert bool(logits.grad.isfinite().all())
     if not detach_target:
         assert bool(patches.grad.isfinite().all())
 
 
 def test_temporal_aux_loss_blank_and_identical_targets():
-    scores = torch.full((12,), 0.25)
+    logits = torch.full((12,), math.log(0.25 / 0.75))  # scores of 0.25
     cases = huge_blank_identical_inputs()
     # Blank frames: cosine guarded to 0, target 1.
-    blank = temporal_aux_loss(scores, cases["blank"], LAYOUT.previous_unit)
+    blank = temporal_aux_loss(logits, cases["blank"], LAYOUT.previous_unit, kind="mse")
     assert float(blank) == pytest.approx((0.25 - 1.0) ** 2, abs=1e-6)
+    bce_blank = -(0.99 * math.log(0.25) + 0.01 * math.log(0.75))  # target 1, clamped to 0.99
+    assert float(temporal_aux_loss(logits, cases["blank"], LAYOUT.previous_unit)) == pytest.approx(bce_blank)
     # Identical frames: cosine 1, target 0.
-    identical = temporal_aux_loss(scores, cases["identical"], LAYOUT.previous_unit)
+    identical = temporal_aux_loss(logits, cases["identical"], LAYOUT.previous_unit, kind="mse")
     assert float(identical) == pytest.approx(0.25**2, abs=1e-5)
+    bce_identical = -(0.01 * math.log(0.25) + 0.99 * math.log(0.75))  # target 0, clamped to 0.01
+    assert float(temporal_aux_loss(logits, cases["identical"], LAYOUT.previous_unit)) == pytest.approx(
+        bce_identical, abs=1e-5
+    )
+
+
+def test_the_target_normalises_the_concatenated_unit_not_each_patch():
+    """A unit whose faint patch changes and whose strong patch does not barely changes as a whole (the paper);
+    normalising patch by patch would call it half changed."""
+    strong, faint = torch.tensor([10.0, 0.0, 0.0]), torch.tensor([0.0, 0.1, 0.0])
+    before = torch.stack([strong, faint])
+    after = torch.stack([strong, -faint])
+    patches = torch.stack([before, after])  # (2 units, 2 patches, 3)
+    change, _ = previous_frame_change(patches, torch.tensor([-1, 0]))
+    expected = 1 - (100 - 0.01) / (100 + 0.01)  # cos of the concatenated vectors
+    assert float(change[1]) == pytest.approx(expected, abs=1e-6)
+    assert float(change[1]) < 1e-3  # per-patch normalisation would give 1 - (1 - 1) / 2 = 1
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e20, 1e30])
@@ -545,20 +633,20 @@ def test_temporal_target_of_identical_frames_does_not_depend_on_scale(scale):
     frame = torch.randn(3, 2, 4, generator=generator)
     layout = VideoLayout((2,), (3,), 2)
     patches = scale * torch.cat([frame, frame])
-    scores = torch.full((6,), 0.25)
-    loss = temporal_aux_loss(scores, patches, layout.previous_unit)
-    assert float(loss) == pytest.approx(ref_aux_loss(scores, patches, [-1, -1, -1, 0, 1, 2]), abs=1e-5)
+    logits = torch.full((6,), math.log(0.25 / 0.75))
+    loss = temporal_aux_loss(logits, patches, layout.previous_unit, kind="mse")
+    assert float(loss) == pytest.approx(ref_aux_loss(logits, patches, [-1, -1, -1, 0, 1, 2], "mse"), abs=1e-5)
     assert float(loss) == pytest.approx(0.25**2, abs=1e-5)
 
 
 def test_temporal_aux_loss_is_zero_without_a_second_frame():
     layout = VideoLayout((1, 1), (4, 2), 2)
-    scores = torch.rand(6).requires_grad_(True)
-    loss = temporal_aux_loss(scores, torch.randn(6, 2, 3), layout.previous_unit)
+    logits = torch.randn(6).requires_grad_(True)
+    loss = temporal_aux_loss(logits, torch.randn(6, 2, 3), layout.previous_unit)
     assert float(loss.detach()) == 0.0
     assert bool(torch.isfinite(loss))
     loss.backward()  # still a graph: callers can add it to the LM loss
-    assert scores.grad.abs().max() == 0
+    assert logits.grad.abs().max() == 0
 
 
 # --------------------------------------------------------------------------------------------- the scorer
@@ -594,11 +682,13 @@ def test_scorer_logits_are_the_scores_before_the_sigmoid():
 
 
 def test_scorer_first_frame_pairs_with_zeros_and_others_with_previous_frame():
-    """score = sigmoid(MLP([prev, curr])), prev = zeros on each video's first frame."""
+    """score = sigmoid(MLP([prev, curr])), prev = zeros on each video's first frame; the patches are layer-normed
+    (without parameters) before the pooling."""
     scorer = make_scorer(1)
-    patches = torch.randn(LAYOUT.num_units, P, D)
+    raw = 5 * torch.randn(LAYOUT.num_units, P, D) + 3
     with torch.no_grad():
-        scores = scorer(patches, LAYOUT.previous_unit)
+        scores = scorer(raw, LAYOUT.previous_unit)
+        patches = (raw - raw.mean(-1, keepdim=True)) / (raw.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
         query = patches.mean(dim=1, keepdim=True)
         pooled = scorer.pool.attention(query, patches, patches, need_weights=False)[0].squeeze(1)
         previous = [pooled[p] if p >= 0 else torch.zeros(D) for p in ref_previous((2, 3), (3, 2))]

@@ -79,11 +79,13 @@ def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fres
     if method == "scorer":
         layout = VideoLayout((4, 4), (16, 16), patches_per_unit=1)
         unit_bias = soft_key_bias(
-            torch.cat([s.flatten() for s in report.scores]),
+            torch.cat([x.flatten() for x in report.logits]),
             layout.frame_of_unit,
             layout.is_first_frame,
             stts.stts_config.bias_min,
         )
+        # Only frames that lose units are biased.
+        unit_bias = torch.where(keep_units.all(1, keepdim=True), 0.0, unit_bias.view(keep_units.shape))
         token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias.view(-1, 16)], dim=1)
     reference = masked_tower_reference(stts, batch, keep_token, token_bias)
     assert pruned.shape == reference.shape == (8, 17, 64)

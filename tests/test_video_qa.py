@@ -31,9 +31,9 @@ def test_every_question_has_at_least_four_answers_so_chance_is_at_most_25_percen
         assert not others & set(candidates)
 
 
-@pytest.mark.parametrize("long", [False, True])
-def test_clips_are_deterministic_and_change_only_after_the_first_slot(video_qa, long):
-    settings = video_qa.LONG_VIDEO if long else video_qa.VideoSettings()
+@pytest.mark.parametrize("task", ["static", "distractor", "long"])
+def test_clips_are_deterministic_and_change_only_after_the_first_slot(video_qa, task):
+    settings = video_qa.TASKS[task]
     clips = video_qa.clip_set("test", 8, settings)
     again = video_qa.clip_set("test", 8, settings)
     slots, units = settings.frames // 2, (settings.side // video_qa.CELL) ** 2
@@ -45,6 +45,25 @@ def test_clips_are_deterministic_and_change_only_after_the_first_slot(video_qa, 
         assert not clip.changed[0].any()  # the first slot (always kept by STTS) holds no event
         assert 0 < clip.changed.sum() <= clip.changed.numel() // 4  # a small changing part
     assert not torch.equal(clips[0].video, video_qa.clip_set("val", 1, settings)[0].video)
+
+
+def test_distractor_screens_change_every_frame_outside_the_answer_and_more_than_the_answer(video_qa):
+    """The screens never cover a unit the question's event changes, change on every frame (so they are not part of
+    `changed`, the answer's units), and change more than the answer does: the change rule ranks them first."""
+    settings = video_qa.TASKS["distractor"]
+    cell = video_qa.CELL
+    screen_changes, answer_changes = [], []
+    for clip in video_qa.clip_set("val", 16, settings):
+        video = clip.video  # (frames, 3, side, side)
+        slots = video.reshape(settings.frames // 2, 2, 3, settings.cells, cell, settings.cells, cell)
+        # Mean absolute change of each unit from one temporal slot to the next: (slots - 1, units)
+        change = (slots[1:] - slots[:-1]).abs().mean(dim=(1, 2, 4, 6)).flatten(1)
+        screens = change.min(dim=0).values > 0.1  # units that change between every two slots
+        assert int(screens.sum()) == settings.screens
+        assert not (screens[None] & clip.changed).any()
+        screen_changes.append(change[:, screens].mean())
+        answer_changes.append(change[clip.changed[1:]].mean())
+    assert torch.stack(screen_changes).median() > 2 * torch.stack(answer_changes).median()
 
 
 def test_frame_subsampling_keeps_every_kth_slot_for_the_token_budget(video_qa):
@@ -59,24 +78,31 @@ def test_frame_subsampling_keeps_every_kth_slot_for_the_token_budget(video_qa):
 
 def test_quick_mode_trains_models_that_learn_and_writes_every_output(video_qa, tmp_path):
     threads = torch.get_num_threads()
+    cache = tmp_path / "cache"
     try:
-        report = video_qa.main(["--quick", "--out", str(tmp_path)])
+        report = video_qa.main(["--quick", "--jobs", "1", "--out", str(tmp_path), "--cache", str(cache)])
     finally:
-        torch.set_num_threads(threads)  # main() sets torch's process-wide thread count
+        torch.set_num_threads(threads)  # the runs set torch's process-wide thread count
 
     written = json.loads((tmp_path / "video_qa.json").read_text())
     assert written["quick"] is True and written["summary"] == report["summary"]
-    runs = {run["row"]: run for run in written["runs"]}
-    assert set(runs) == {"baseline", "stts-50"}
+    runs = {(run["row"], run["regime"]): run for run in written["runs"]}
+    assert set(runs) == {(row, regime) for row in ("baseline", "stts-50") for regime in ("frozen", "trained")}
     # The unpruned model sees 8 slots x 9 units; STTS-50% exactly half of them.
-    assert runs["baseline"]["video_tokens"] == 72 and runs["stts-50"]["video_tokens"] == 36
+    for regime in ("frozen", "trained"):
+        assert runs["baseline", regime]["video_tokens"] == 72 and runs["stts-50", regime]["video_tokens"] == 36
+    # Frozen: the baseline is the init as is (nothing trained), STTS trained its scorer alone.
+    assert "loss_first" not in runs["baseline", "frozen"] and "loss_first" in runs["stts-50", "frozen"]
     for run in runs.values():
         # 4 answers per question: chance is 25% (96 clips: +-4.4 points). The short quick training reaches about
         # 40% overall, and the colour question (the first one learned) about 75%.
         assert run["accuracy"] >= 33, run
         assert run["accuracy_per_type"]["colour"] >= 50, run
-    assert runs["stts-50"]["aux_loss_last"] < runs["stts-50"]["aux_loss_first"] / 2  # the scorer learned
-    assert 0 < runs["stts-50"]["recall"] <= 100
+    for regime in ("frozen", "trained"):
+        scorer = runs["stts-50", regime]
+        assert scorer["aux_loss_last"] < scorer["aux_loss_first"]  # the scorer learned the temporal change
+        assert scorer["saturated_fraction_last"] < 0.01 and scorer["scorer_grad_norm_last"] > 1e-4  # and still learns
+        assert 0 < scorer["recall"] <= 100
 
     table = (tmp_path / "video_qa.md").read_text()
     (tmp_path / "video_qa.md").unlink()
@@ -87,3 +113,21 @@ def test_quick_mode_trains_models_that_learn_and_writes_every_output(video_qa, t
     for picture in ("video_qa.png", "kept_units.png"):
         with Image.open(tmp_path / picture) as image:
             assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_the_init_is_cached_by_its_settings_and_reused(video_qa, tmp_path, monkeypatch):
+    """A second run with the same settings loads the cached init (no training); other settings get their own."""
+    train = video_qa.TrainSettings(pretrain_steps=2, batch_size=2)
+    path = video_qa.pretrain("static", train, str(tmp_path))
+    assert path.endswith(".safetensors") and [p.name for p in tmp_path.iterdir()] == [Path(path).name]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached init was trained again")
+
+    monkeypatch.setattr(video_qa, "train_steps", no_training)
+    assert video_qa.pretrain("static", train, str(tmp_path)) == path
+    other = video_qa.init_path("static", video_qa.TrainSettings(pretrain_steps=3, batch_size=2), str(tmp_path))
+    assert other != path
+    assert video_qa.init_path("distractor", train, str(tmp_path)) != path
+    model = video_qa.build_model(video_qa.ROWS["baseline"], "frozen", 0, path, train)
+    assert not any(p.requires_grad for p in model.parameters())
