@@ -28,12 +28,17 @@ PARTS = (
         (("speed-up against frames, with the FLOP ideal", "speed.png"),),
     ),
     (
-        "Accuracy: the paper's table in miniature",
-        "`python benchmarks/video_qa.py` (synthetic video QA, every row trained from the same init, seeds as listed)",
+        "Accuracy: the paper's table in miniature, and a task with distractors",
+        "`python benchmarks/video_qa.py` (synthetic video QA; every row from its task's trained init, with the base "
+        "frozen and trained; seeds as listed)",
         "video_qa.md",
         (
             ("accuracy per method and prune ratio", "video_qa.png"),
-            ("kept units of a trained STTS model (pruned units darkened)", "kept_units.png"),
+            ("kept units of STTS-50 on the static task, base frozen (pruned units darkened)", "kept_units.png"),
+            (
+                "kept units of STTS-50 on the distractor task, base frozen (pruned units darkened)",
+                "kept_units_distractor.png",
+            ),
         ),
     ),
 )

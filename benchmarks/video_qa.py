@@ -1,24 +1,31 @@
-"""Accuracy of STTS on a synthetic video-QA task: the paper's table in miniature.
+"""Accuracy of STTS on synthetic video-QA tasks: the paper's table in miniature, and where a learned scorer must
+beat the training-free rule.
 
-Every video is a static textured scene with sensor noise, 16 frames of 84x84 px (8 temporal slots x 3x3 units); the
-answer lives in the few units that change after the first slot: the colour of a square that appears, the direction a
-square moves in, how many squares flash, which corner a square appears in (4 answers each: chance is 25%). A small
-Qwen2.5-VL (random init) is first trained unpruned (the shared init, as the paper starts from a trained video VLM);
-then every row is fine-tuned end to end from that init with the same steps and data per seed, and evaluated on a
-held-out test set:
+Every video is a textured scene with sensor noise, 84x84 px (3x3 units per temporal slot); the answer lives in the
+few units that change after the first slot: the colour of a square that appears, the direction a square moves in,
+how many squares flash, which corner a square appears in (4 answers each: chance is 25%). Three tasks (`TASKS`):
 
-- baseline (no pruning); STTS, random and similarity pruning at 50% and 80%; uniform frame subsampling at (about)
-  the same token budget;
-- scorer quality: recall of the ground-truth changing units among the kept ones;
-- test-time scaling: long videos (32 frames) whose flashes last one frame; STTS given all 32 frames at 50% (the
-  baseline's token count) against the baseline on every 2nd frame.
+- static: nothing else changes, so "keep what changed" (similarity pruning, vLLM's EVS) is close to an oracle;
+- distractor: smaller squares, and 4 cells showing a new random picture on every frame (screens) that change more
+  than the answer: the change rule must drop some of the answer at 50%;
+- long: 32 frames with one-frame flashes, for test-time scaling (STTS on all frames at 50% against the baseline on
+  every 2nd frame: the same video tokens).
 
-Outputs in `--out`: video_qa.json (every run), video_qa.md (the table), video_qa.png (accuracy and recall vs the
-fraction of tokens removed) and kept_units.png (kept units of the trained STTS-50% model on two test videos).
+A small Qwen2.5-VL (random init) is first trained unpruned on each task's videos (the shared init, cached in
+`--cache` under a hash of its settings; the long task reuses the static one). Every row then runs in two regimes:
+frozen (the base stays the init, only STTS's scorer trains: a user adding STTS to a trained VLM) and trained
+(every parameter fine-tuned with the row's pruning: the paper's setting), the same steps and data per seed, and is
+evaluated on held-out clips. Rows: baseline; STTS, random, similarity at 50% and 80%; frame subsampling at the same
+token budget; on the distractor task the STTS-50 ablations (aux-only, lm-only, the paper's MSE aux loss). Recall:
+the answer's changing units (screens excluded) that a row keeps.
 
-    python benchmarks/video_qa.py                          # the full table (3 seeds), all cores
-    python benchmarks/video_qa.py --quick --out /tmp/vqa   # baseline and STTS-50%, 1 seed, short: a smoke test
-    python benchmarks/video_qa.py --eval-split val --rows baseline stts-50 --seeds 0   # tune on validation only
+Outputs in `--out`: video_qa.json (every run), video_qa.md (the tables and the claims), video_qa.png (accuracy
+against the fraction of tokens removed) and kept_units.png / kept_units_distractor.png (kept units of STTS-50 with
+the base frozen, on two test clips).
+
+    python benchmarks/video_qa.py                          # everything (3 seeds), one worker per core
+    python benchmarks/video_qa.py --quick --out /tmp/vqa   # baseline and STTS-50, 1 seed, short: a smoke test
+    python benchmarks/video_qa.py --eval-split val --rows distractor-stts-50 --seeds 0   # tune on validation only
 """
 
 from __future__ import annotations
@@ -138,8 +145,9 @@ class Clip:
     Attributes:
         video (`torch.Tensor` of shape `(frames, 3, side, side)`): pixels in [0, 1], noise included.
         question, answer (`int`): question type index and answer index (among 4).
-        changed (`torch.Tensor` of shape `(slots, units_per_slot)`, bool): units whose clean pixels differ from the
-            same unit in the previous temporal slot (the ground truth of what changes; slot 0 is all False).
+        changed (`torch.Tensor` of shape `(slots, units_per_slot)`, bool): units where the question's event changes
+            the clean pixels from the previous temporal slot (what answers; the screens are left out; slot 0 is all
+            False).
     """
 
     video: torch.Tensor
@@ -621,7 +629,7 @@ def subsampled_mask(clip: Clip, row: Row) -> torch.Tensor | None:
 
 
 def evaluate(model: torch.nn.Module, clips: Sequence[Clip], row: Row, train: TrainSettings) -> dict[str, Any]:
-    """Accuracy (overall and per question type), video tokens per clip, recall of the changing units."""
+    """Accuracy (overall and per question type), video tokens per clip, recall of the answer's changing units."""
     model.eval()
     correct: dict[str, list[bool]] = {q: [] for q in QUESTION_TYPES}
     tokens, hits, changed = [], 0, 0
