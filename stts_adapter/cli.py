@@ -93,8 +93,7 @@ def video_family(model: torch.nn.Module) -> tuple[str, VideoFamily]:
         CLIError: for a model the registry knows but the command line cannot build video batches for (a ViT alone,
             a plugin family).
     """
-    from .model import unwrap_peft
-    from .registry import find_architecture
+    from .registry import find_architecture, unwrap_peft
 
     entry = find_architecture(unwrap_peft(model))
     if entry.name not in VIDEO_FAMILIES:

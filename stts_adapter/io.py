@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 
 from .config import CONFIG_NAME, STTSConfig
 from .errors import AdapterLoadError
+from .registry import find_architecture, unwrap_peft
+from .scorer import build_scorer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -68,9 +70,6 @@ def load_adapter(
     is_trainable: bool = False,
 ) -> STTSModel:
     """Check and load an adapter onto `model`. See `STTSModel.from_pretrained`."""
-    from .model import build_scorer, unwrap_peft
-    from .registry import find_architecture
-
     config_path = _resolve(path_or_repo_id, CONFIG_NAME, revision, token)
     weights_path = _resolve(path_or_repo_id, WEIGHTS_NAME, revision, token)
     config = STTSConfig.from_json_file(config_path)

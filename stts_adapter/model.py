@@ -17,41 +17,17 @@ from transformers.utils import ModelOutput
 
 from .config import STTSConfig
 from .errors import STTSConfigError, STTSInputError
+from .io import load_adapter, push_adapter_to_hub, save_adapter
 from .layers import BaseLayerWrapper, STTSBlock, STTSConnector, STTSKeyBiasAttention, STTSMaskedAttention
-from .registry import ArchitectureEntry, VisionSpec, find_architecture
+from .registry import ArchitectureEntry, VisionSpec, find_architecture, unwrap_peft
 from .report import STTSReport
 from .runtime import PruningSettings, VisionPruningPass
-from .scorer import STTSScorer
+from .scorer import build_scorer
 from .selection import VideoLayout
 from .sequence import pad_token_id, plan_sequence_pruning
 
 # Models whose STTS is switched off in the current context (thread / task) by `disable_stts`.
 _DISABLED: ContextVar[frozenset[int]] = ContextVar("stts_disabled_models", default=frozenset())
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
-    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
-def build_scorer(config: STTSConfig, spec: VisionSpec) -> STTSScorer | None:
-    """The scorer `config` asks for on a ViT of shape `spec` (None for the training-free methods)."""
-    if config.method != "scorer":
-        return None
-    num_heads = config.scorer_num_heads or spec.num_heads
-    if spec.hidden_size % num_heads:
-        raise STTSConfigError(
-            f"STTSConfig.scorer_num_heads={num_heads} is invalid for this model: the scorer's attention pooling "
-            f"splits the ViT width ({spec.hidden_size}) into heads, so it must be a divisor of {spec.hidden_size}."
-        )
-    return STTSScorer(
-        input_size=spec.hidden_size,
-        hidden_size=config.scorer_hidden_size or spec.mlp_size,
-        num_heads=num_heads,
-        input_norm=config.scorer_input_norm,
-    )
 
 
 class STTSModel(nn.Module):
@@ -410,8 +386,6 @@ class STTSModel(nn.Module):
             save_directory (`str`): created if missing.
             is_main_process (`bool`, *optional*, defaults to True): only the main process writes (distributed runs).
         """
-        from .io import save_adapter
-
         save_adapter(self, save_directory, **kwargs)
 
     @classmethod
@@ -437,14 +411,10 @@ class STTSModel(nn.Module):
         Returns:
             `STTSModel`
         """
-        from .io import load_adapter
-
         return load_adapter(cls, model, path_or_repo_id, revision=revision, token=token, is_trainable=is_trainable)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload the adapter (config, weights, model card) to the Hub. See `stts_adapter.io.push_adapter_to_hub`."""
-        from .io import push_adapter_to_hub
-
         return push_adapter_to_hub(self, repo_id, **kwargs)
 
 

@@ -293,6 +293,13 @@ def get_architecture(name: str) -> ArchitectureEntry:
     return _REGISTRY[name]
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT `PeftModel` (or `model` itself when it is not one)."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def find_architecture(model: nn.Module) -> ArchitectureEntry:
     """The entry that recognises `model`.
 

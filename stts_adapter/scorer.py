@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import STTSConfigError
+
+if TYPE_CHECKING:
+    from .config import STTSConfig
+    from .registry import VisionSpec
 
 
 class UnitAttentionPool(nn.Module):
@@ -168,3 +175,29 @@ def soft_key_bias(
 def _per_frame(values: torch.Tensor, frame_of_unit: torch.Tensor, num_frames: int, reduce: str) -> torch.Tensor:
     """`(num_frames,)` reduction ("mean", "amin", "amax") of a per-unit value over each frame's units."""
     return values.new_zeros(num_frames).scatter_reduce(0, frame_of_unit, values, reduce, include_self=False)
+
+
+def build_scorer(config: STTSConfig, spec: VisionSpec) -> STTSScorer | None:
+    """The scorer `config` asks for on a ViT of shape `spec`.
+
+    Args:
+        config (`STTSConfig`): the method, and the scorer's width, heads and input norm.
+        spec (`VisionSpec`): the ViT's width, heads and MLP width (the scorer's defaults).
+
+    Returns:
+        `STTSScorer`, or `None` for the training-free methods.
+    """
+    if config.method != "scorer":
+        return None
+    num_heads = config.scorer_num_heads or spec.num_heads
+    if spec.hidden_size % num_heads:
+        raise STTSConfigError(
+            f"STTSConfig.scorer_num_heads={num_heads} is invalid for this model: the scorer's attention pooling "
+            f"splits the ViT width ({spec.hidden_size}) into heads, so it must be a divisor of {spec.hidden_size}."
+        )
+    return STTSScorer(
+        input_size=spec.hidden_size,
+        hidden_size=config.scorer_hidden_size or spec.mlp_size,
+        num_heads=num_heads,
+        input_norm=config.scorer_input_norm,
+    )
