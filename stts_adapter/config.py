@@ -67,6 +67,16 @@ class STTSConfig:
             "binary target drives the logits to +-infinity, the sigmoid saturates and the scorer stops learning."
         },
     )
+    logit_penalty_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Ours, not in the paper: weight of mean(logit^2) over the scorer's logits, added to the loss in "
+            "training. It bounds the logits' scale, which nothing else does when aux_loss_weight is 0 or small: the "
+            "soft key bias is rescaled per frame, so the LM loss alone drives the logits apart until the sigmoid "
+            "saturates. The ranking, the bias and the LM gradient do not depend on that scale. 0.01 with "
+            "aux_loss_weight=0 is the README's 'lm-only + penalty' row."
+        },
+    )
     key_bias: bool = field(
         default=True,
         metadata={
@@ -167,6 +177,12 @@ class STTSConfig:
             _is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0,
             "aux_loss_weight",
             self.aux_loss_weight,
+            "a number >= 0",
+        )
+        _check(
+            _is_number(self.logit_penalty_weight) and self.logit_penalty_weight >= 0,
+            "logit_penalty_weight",
+            self.logit_penalty_weight,
             "a number >= 0",
         )
         _check(

@@ -169,7 +169,8 @@ class STTSModel(nn.Module):
 
         Returns:
             The base model's output over the pruned sequence, with `out.stts` (an `STTSReport`) when videos were
-            pruned. In training mode `out.loss` = LM loss + `aux_loss_weight` x temporal auxiliary loss.
+            pruned. In training mode `out.loss` = LM loss + `aux_loss_weight` x temporal auxiliary loss
+            (+ `logit_penalty_weight` x mean(logit^2)).
         """
         self._check_loaded()
         kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
@@ -182,15 +183,26 @@ class STTSModel(nn.Module):
         return_dict = kwargs.pop("return_dict", None)
         model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
         outputs = self.base_model(**model_inputs, return_dict=True)
-        weight = self.stts_config.aux_loss_weight
         if outputs.get("loss") is not None:
             report.lm_loss = outputs.loss
-            if self.training and report.aux_loss is not None and weight > 0:
-                aux = weight * report.aux_loss.to(outputs.loss.dtype)
-                outputs["loss"] = outputs.loss + aux * _aux_loss_share(kwargs, outputs.loss)
+            scorer_loss = self._scorer_loss(report) if self.training else None
+            if scorer_loss is not None:
+                share = _aux_loss_share(kwargs, outputs.loss)
+                outputs["loss"] = outputs.loss + scorer_loss.to(outputs.loss.dtype) * share
         outputs = self._attach_scorer(outputs)  # e.g. nothing pruned and aux_loss_weight 0: still a graph
         outputs.stts = self._emit(report)  # an attribute, not a key: invisible to to_tuple() and the Trainer
         return outputs if return_dict is not False else outputs.to_tuple()
+
+    def _scorer_loss(self, report: STTSReport) -> torch.Tensor | None:
+        """`aux_loss_weight` x the temporal aux loss + `logit_penalty_weight` x mean(logit^2); None when both are 0
+        (or nothing was scored by a learned scorer)."""
+        c = self.stts_config
+        terms = [
+            weight * term
+            for weight, term in ((c.aux_loss_weight, report.aux_loss), (c.logit_penalty_weight, report.logit_penalty))
+            if term is not None and weight > 0
+        ]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def _attach_scorer(self, outputs: Any) -> Any:
         """Outputs of a training call, tied to the trainable scorer by a term worth exactly 0.
@@ -270,6 +282,7 @@ class STTSModel(nn.Module):
             keep_masks=layout.split(vision_pass.keep),
             scores=layout.split(vision_pass.scores.detach()),
             aux_loss=vision_pass.aux_loss,
+            logit_penalty=vision_pass.logit_penalty,
             sequence=sequence,
             logits=None if vision_pass.logits is None else layout.split(vision_pass.logits.detach()),
         )

@@ -65,8 +65,9 @@ class VisionPruningPass:
 
     Attributes set while the ViT runs:
         scores (`(num_units,)`), logits (`(num_units,)`, method "scorer" only), keep (`(num_units,)` bool), aux_loss
-        (scalar or None), pruned (family state after pruning), captured (`{block: output}`), attention_mask (for the
-        block running now, when its family hands the mask to the block's self-attention rather than to the block).
+        and logit_penalty (scalars or None), pruned (family state after pruning), captured (`{block: output}`),
+        attention_mask (for the block running now, when its family hands the mask to the block's self-attention
+        rather than to the block).
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class VisionPruningPass:
         self.logits: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
+        self.logit_penalty: torch.Tensor | None = None
         self.token_bias: torch.Tensor | None = None
         self.token_gate: torch.Tensor | None = None
         self.pruned: Any = None
@@ -155,6 +157,7 @@ class VisionPruningPass:
             self.aux_loss = temporal_aux_loss(
                 ranking, unit_patches, previous_unit, settings.detach_aux_target, settings.aux_loss
             )
+            self.logit_penalty = ranking.float().square().mean()
         elif settings.method == "similarity":
             scores = ranking = similarity_scores(unit_patches.detach(), layout)
         else:

@@ -259,6 +259,16 @@ def test_training_loss_adds_the_weighted_aux_loss(load):
     torch.testing.assert_close(out.loss, out.stts.lm_loss)  # evaluation reports the LM loss only
 
 
+def test_training_loss_adds_the_weighted_logit_penalty(load):
+    model = load()
+    batch = two_video_batch(model, answers=True)
+    config = STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER, aux_loss_weight=0.5, logit_penalty_weight=0.25)
+    stts = apply_stts(model, config).train()
+    out = stts(**batch)
+    mean_square_logit = torch.cat([x.flatten() for x in out.stts.logits]).square().mean()
+    torch.testing.assert_close(out.loss, out.stts.lm_loss + 0.5 * out.stts.aux_loss + 0.25 * mean_square_logit)
+
+
 def test_only_scorer_parameters_are_trainable(load):
     model = load()
     stts = apply_stts(model, STTSConfig(prune_layer=PRUNE_LAYER))

@@ -178,6 +178,35 @@ def test_the_bce_aux_loss_trains_without_saturating_where_the_papers_mse_saturat
     assert mse_norms[-1] < 2e-3 * mse_norms[0]
 
 
+@pytest.mark.parametrize("logit_penalty_weight", [0.0, 0.01])
+def test_the_logit_penalty_brings_a_saturated_lm_only_scorer_back(load, logit_penalty_weight):
+    """Without the aux loss nothing bounds the logits' scale (the key bias is rescaled per frame): a scorer whose
+    logits start at +-hundreds stays saturated under the LM loss alone, and returns within the sigmoid's slope with
+    the logit penalty."""
+    model = load()
+    config = STTSConfig(
+        prune_ratio=0.5, prune_layer=PRUNE_LAYER, aux_loss_weight=0.0, logit_penalty_weight=logit_penalty_weight
+    )
+    torch.manual_seed(SCORER_SEED)
+    stts = apply_stts(model, config).train()
+    with torch.no_grad():
+        stts.scorer.mlp[-1].weight.mul_(300.0)
+    batch = build_qwen_batch(model.config, video_samples())
+    optimizer = torch.optim.Adam(stts.scorer.parameters(), lr=1e-2)
+    reports = []
+    for _ in range(150):
+        out = stts(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reports.append(out.stts)
+    assert reports[0].saturated_fraction > 0.5
+    if logit_penalty_weight:
+        assert reports[-1].saturated_fraction == 0.0
+    else:
+        assert reports[-1].saturated_fraction > 0.5
+
+
 def test_saturated_fraction_counts_scores_within_1e4_of_0_or_1(load):
     model = load()
     stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER)).eval()
