@@ -13,8 +13,11 @@ How the family is built:
   `image_token_id` for both and `L = image_seq_length` placeholders per tile or frame. There is no
   `pixel_values_videos` and no video token: the model cannot tell a frame from an image tile. STTS therefore needs
   the one thing the processor drops, `pixel_values_video_index`: for every row of `pixel_values`, the video it is a
-  frame of (0, 1, ... in text order), -1 for an image tile. Without it (or with no video row) a call runs the bare
-  model. Only video frames' placeholders are pruned; image tiles, the frame texts and `<img>`/`</img>` never are.
+  frame of (0, 1, ... in text order), -1 for an image tile. `stts_adapter.prepare_inputs(processor, model, ...)`
+  runs the processor and adds it (`mark_videos`: the prompts' image and video tokens, in order, against the runs of
+  placeholders). Without it a call runs the bare model, with a warning (once per model) that names the fix when a
+  prompt holds several one-tile placeholder runs (frames, or one-tile images); with it and no video row, silently.
+  Only video frames' placeholders are pruned; image tiles, the frame texts and `<img>`/`</img>` never are.
 - Image tiles and video frames run through the tower together in one call, as in the bare model; the tiles' tokens
   belong to no unit, so they are never scored nor pruned and keep their full rows after packing.
 - The language model (Qwen2 / Llama style) uses 1-D RoPE: the core's default positions.
@@ -30,6 +33,7 @@ projecting kept units only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +50,17 @@ from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 PIXEL_VIDEO_INDEX = "pixel_values_video_index"
 """Input naming, for every row of `pixel_values`, the video it is a frame of (-1: an image tile)."""
+
+
+def placeholder_runs(input_ids: Any, token_id: int) -> list[list[int]]:
+    """Per prompt, the lengths of its runs of consecutive `token_id`, in order."""
+    runs = []
+    for row in input_ids:
+        is_token = torch.as_tensor(row) == token_id
+        edges = torch.diff(is_token.int(), prepend=is_token.new_zeros(1).int(), append=is_token.new_zeros(1).int())
+        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        runs.append((ends - starts).tolist())
+    return runs
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,55 @@ class InternVLEntry(FrameBatchViTEntry):
 
     def has_videos(self, inputs: dict[str, Any]) -> bool:
         return inputs.get("pixel_values") is not None and any(v >= 0 for v in self._video_of_row(inputs))
+
+    def unmarked_videos(self, model: nn.Module, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("pixel_values") is None or inputs.get("input_ids") is None or PIXEL_VIDEO_INDEX in inputs:
+            return None
+        # A frame is one run of image_seq_length placeholders; an image is one run of that many per tile. Two
+        # one-tile runs in a prompt may be a video's frames.
+        one_tile = model.config.image_seq_length
+        runs = placeholder_runs(inputs["input_ids"], model.config.image_token_id)
+        if not any(sum(n == one_tile for n in row) > 1 for row in runs):
+            return None
+        return (
+            "InternVL's processor merges video frames into pixel_values with the image tiles, and this batch has "
+            "prompts with several one-tile placeholder runs, which may be a video's frames. Make the inputs with "
+            "stts_adapter.prepare_inputs(processor, model, text=..., videos=...), or add "
+            f"inputs['{PIXEL_VIDEO_INDEX}'] = per row of pixel_values its video's index (0, 1, ...; -1 for an image "
+            f"tile). Pass {PIXEL_VIDEO_INDEX}=torch.full((rows,), -1) for still images to silence this warning."
+        )
+
+    def mark_videos(
+        self, processor: Any, inputs: dict[str, Any], text: list[str], images: bool, videos: bool
+    ) -> dict[str, Any]:
+        """`InternVLProcessor` (transformers 5.24) fills `pixel_values` in the order of the prompts' image and video
+        tokens: an image's tiles (one placeholder run of `image_seq_length` per tile), then a video's frames (one
+        run each, the same count for every video of a call). Walking the runs in that order gives every row its
+        video."""
+        if inputs.get("pixel_values") is None:
+            return inputs
+        image_token, video_token = re.escape(processor.image_token), re.escape(processor.video_token)
+        pattern = re.compile(f"(?P<image>{image_token})|(?P<video>{video_token})")
+        visuals = [match.lastgroup for prompt in text for match in pattern.finditer(prompt)]
+        runs = [n for row in placeholder_runs(inputs["input_ids"], processor.image_token_id) for n in row]
+        one_tile, num_videos = processor.image_seq_length, visuals.count("video")
+        frames = (len(runs) - visuals.count("image")) // max(1, num_videos)
+        video_of_row: list[int] = []
+        run, video = iter(runs), 0
+        for visual in visuals:
+            if visual == "image":
+                video_of_row += [-1] * (next(run, 0) // one_tile)
+            else:
+                video_of_row += [video] * sum(1 for _ in zip(range(frames), run))
+                video += 1
+        rows = inputs["pixel_values"].shape[0]
+        if len(video_of_row) != rows:
+            raise STTSInputError(
+                f"Could not match the {rows} rows of pixel_values to the prompts' {len(visuals)} images and videos "
+                f"(found {len(video_of_row)}); was the text truncated? Add {PIXEL_VIDEO_INDEX} yourself."
+            )
+        inputs[PIXEL_VIDEO_INDEX] = torch.tensor(video_of_row, dtype=torch.long)
+        return inputs
 
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> InternVLLayout:
         pixels = inputs["pixel_values"]

@@ -13,18 +13,20 @@ How the family is built:
 
 Telling videos from still images:
     Nothing the SmolVLM2 processor returns tells them apart: video frames use the image key, the image placeholder
-    token and the same per-frame layout as an unsplit image, and the processor drops `video_metadata`. So the caller
-    says it, with one extra keyword next to the processor's output:
+    token and the same per-frame layout as an unsplit image, and the processor drops `video_metadata`. The processor
+    call knows it, so `stts_adapter.prepare_inputs(processor, model, text=..., videos=...)` runs the processor and
+    adds the one keyword STTS needs:
 
         `pixel_values_is_video` (`torch.BoolTensor` of shape `(rows,)`): True for every row of `pixel_values` that
         holds one video, whose real (not all-zero) images are its frames, in order.
 
-    The video processor makes one row per video, so for its output this is
-    `inputs["pixel_values_is_video"] = torch.ones(len(inputs["pixel_values"]), dtype=torch.bool)`. Every other row
-    holds still images (image crops), and they are NEVER pruned: without the keyword, or with no True row, the call is
-    exactly the base model; in a batch that mixes video rows and image rows, the images run through the ViT with the
-    frames (the model's own ViT batch) but belong to no pruning unit, get no key bias, and keep all their placeholders.
-    Rows are in placeholder order (a sample with an image and a video has its image row before its video row).
+    (The processor makes one row per video when given videos, and cannot take images and videos in one call.) A batch
+    without the keyword whose rows hold several images (a video's frames, or image crops) runs the bare model with a
+    warning, once per model, that names the fix; with the keyword and no True row it is the bare model silently.
+    Rows that are not videos hold still images (image crops), and they are NEVER pruned: in a batch that mixes video
+    rows and image rows, the images run through the ViT with the frames (the model's own ViT batch) but belong to no
+    pruning unit, get no key bias, and keep all their placeholders. Rows are in placeholder order (a sample with an
+    image and a video has its image row before its video row).
 
 Pruning:
     A unit is one pixel-shuffle cell: s x s patches, one LLM placeholder. The key bias and, after pruning, the
@@ -108,6 +110,38 @@ class SmolVLMEntry(FrameBatchViTEntry):
     def has_videos(self, inputs: dict[str, Any]) -> bool:
         is_video = inputs.get(IS_VIDEO)
         return inputs.get("pixel_values") is not None and is_video is not None and bool(torch.as_tensor(is_video).any())
+
+    def unmarked_videos(self, model: nn.Module, inputs: dict[str, Any]) -> str | None:
+        pixels = inputs.get("pixel_values")
+        if pixels is None or inputs.get(IS_VIDEO) is not None or pixels.ndim != 5:
+            return None
+        images_per_row = pixels.flatten(2).ne(0).any(-1).sum(1)  # real images: frames, crops or still images
+        if not bool((images_per_row > 1).any()):
+            return None
+        return (
+            "SmolVLM's processor puts video frames and still images into the same pixel_values, and this batch has "
+            "rows of several images that may be a video's frames. Make the inputs with "
+            "stts_adapter.prepare_inputs(processor, model, text=..., videos=...), or add "
+            f"inputs['{IS_VIDEO}'] = a bool tensor with one flag per row of pixel_values (True: a video). "
+            f"Pass {IS_VIDEO}=torch.zeros(rows, dtype=torch.bool) for still images to silence this warning."
+        )
+
+    def mark_videos(
+        self, processor: Any, inputs: dict[str, Any], text: list[str], images: bool, videos: bool
+    ) -> dict[str, Any]:
+        """SmolVLM2's processor makes one row of `pixel_values` per video when given videos, one per prompt when
+        given images, and cannot take both in one call (transformers 5.24 keeps the videos' pixels and drops the
+        images' under their shared key): every row is a video, or none is."""
+        if images and videos:
+            raise STTSInputError(
+                "SmolVLM's processor cannot take images and videos in one call (both go to pixel_values and one is "
+                "lost). Process them in separate calls; a batch mixing both needs its own "
+                f"{IS_VIDEO} (one flag per row of pixel_values)."
+            )
+        if inputs.get("pixel_values") is not None:
+            rows = inputs["pixel_values"].shape[0]
+            inputs[IS_VIDEO] = torch.full((rows,), videos, dtype=torch.bool)
+        return inputs
 
     # ------------------------------------------------------------------------------------------------ the ViT
     def video_layout(self, model: nn.Module, inputs: dict[str, Any]) -> SmolVLMLayout:

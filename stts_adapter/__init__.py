@@ -9,6 +9,7 @@ model = apply_stts(vlm, STTSConfig(prune_ratio=0.5, prune_layer=3))
 from .config import STTSConfig
 from .errors import AdapterLoadError, STTSConfigError, STTSInputError, UnsupportedModelError
 from .model import STTSModel, apply_stts
+from .processing import prepare_inputs
 from .registry import ArchitectureEntry, register_architecture, supported_architectures
 
 __version__ = "0.2.0"
@@ -23,6 +24,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "apply_stts",
+    "prepare_inputs",
     "register_architecture",
     "supported_architectures",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -82,6 +83,7 @@ class STTSModel(nn.Module):
         self._entry = entry
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         self._report_hooks: OrderedDict[int, Callable[[STTSReport], None]] = OrderedDict()  # weakref-able
+        self._warned_unmarked_videos = False
         self._mirror_forward_signature(model)
         self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
@@ -142,7 +144,18 @@ class STTSModel(nn.Module):
         return {k: v for k, v in inputs.items() if k not in self.architecture.stts_only_inputs}
 
     def _prunes(self, inputs: dict[str, Any]) -> bool:
-        return id(self) not in _DISABLED.get() and self.architecture.has_videos(inputs)
+        return id(self) not in _DISABLED.get() and self._has_videos(inputs)
+
+    def _has_videos(self, inputs: dict[str, Any]) -> bool:
+        """Whether the call holds videos to prune; warns once when it may hold videos its family cannot find."""
+        if self.architecture.has_videos(inputs):
+            return True
+        if not self._warned_unmarked_videos:
+            reason = self.architecture.unmarked_videos(self.transformers_model, inputs)
+            if reason is not None:
+                self._warned_unmarked_videos = True
+                warnings.warn(f"STTS is not pruning this call: {reason}", stacklevel=3)
+        return False
 
     def _settings(self) -> PruningSettings:
         c = self.stts_config
@@ -178,7 +191,7 @@ class STTSModel(nn.Module):
             return self._forward_frames(kwargs)
         if id(self) in _DISABLED.get():
             return self.base_model(**self._base_inputs(kwargs))
-        if not self.architecture.has_videos(kwargs):
+        if not self._has_videos(kwargs):
             return self._attach_scorer(self.base_model(**self._base_inputs(kwargs)))
         return_dict = kwargs.pop("return_dict", None)
         model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")

@@ -116,6 +116,29 @@ class ArchitectureEntry:
     def has_videos(self, inputs: dict[str, Any]) -> bool:
         return inputs.get(self.video_pixels) is not None
 
+    def unmarked_videos(self, model: nn.Module, inputs: dict[str, Any]) -> str | None:
+        """Why a batch that `has_videos` found no video in may still hold some, for a family whose processor output
+        does not tell video frames from still images (None: it holds none, or they are marked). The core warns once
+        with it, so STTS never silently runs the bare model on a video. Default: None (videos have their own
+        inputs)."""
+        return None
+
+    def mark_videos(
+        self, processor: Any, inputs: dict[str, Any], text: list[str], images: bool, videos: bool
+    ) -> dict[str, Any]:
+        """The processor's output plus what this family needs to find its videos in it (see `prepare_inputs`).
+
+        Args:
+            processor: the model's transformers processor that made `inputs`.
+            inputs (`dict`): its output.
+            text (`list[str]`): the prompts it was given, before it expanded their image and video tokens.
+            images, videos (`bool`): whether it was given images, videos.
+
+        Returns:
+            `dict`: `inputs` (default: unchanged, the processor's output already tells videos apart).
+        """
+        return inputs
+
     def validate_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> None:
         """Refuse, with an error that says what to do, a call this family cannot prune (runs before anything else)."""
 

@@ -10,11 +10,14 @@ To run it on a case outside the list (a plugin's entry, a family in progress):
 
 import importlib
 import os
+import warnings
 
 import pytest
 import torch
 
 from stts_adapter import STTSConfig, STTSModel, apply_stts
+from stts_adapter.processing import prepare_inputs
+from stts_adapter.registry import get_architecture
 from stts_adapter.testing import Sample
 from stts_adapter.testing.glm4v import GLM4V
 from stts_adapter.testing.internvl import INTERNVL
@@ -316,3 +319,85 @@ def test_unload_restores_the_model(case, model):
     state = model.state_dict()
     assert all(torch.equal(state[k], before_state[k]) for k in before_state) and len(state) == len(before_state)
     assert torch.equal(model(**batch).logits, before_logits)
+
+
+# --------------------------------------------------------------------------------------------- real processors
+# Families whose real processor is not in the suite yet (issue 13, item 2). A family registered without a processor
+# case and not listed here fails `test_every_family_runs_on_its_real_processor_or_is_a_listed_gap`.
+PROCESSOR_GAPS = {"qwen2_5_vl", "qwen2_vl", "qwen3_vl", "glm4v", "llava_onevision", "llava_next_video", "video_llava"}
+PROCESSOR_GAPS |= {"molmo2"}
+PROCESSOR_CASES = [case for case in CASES if case.make_processor is not None]
+
+
+def test_every_family_runs_on_its_real_processor_or_is_a_listed_gap():
+    missing = {case.name for case in CASES if case.make_processor is None}
+    assert missing == PROCESSOR_GAPS & {case.name for case in CASES}, missing ^ PROCESSOR_GAPS
+
+
+def processor_texts(case):
+    return [f"{case.video_prompt} What happens", f"{case.video_prompt} describe it"]
+
+
+def processor_videos(case):
+    return [case.processor_video(0), case.processor_video(1)]
+
+
+@pytest.fixture(params=PROCESSOR_CASES, ids=repr)
+def processor_case(request):
+    return request.param
+
+
+def test_the_real_processors_output_is_pruned_through_prepare_inputs(processor_case, saved, recwarn):
+    """Videos of different sizes and lengths in one padded batch, made by the family's real processor: pruning
+    nothing reproduces the bare model on them, and at 50% every video loses floor(ratio x units) (first frame kept)
+    and the LLM sequence exactly the pruned units' placeholders."""
+    case = processor_case
+    model = case.model_class.from_pretrained(saved[case.name]).eval()
+    processor = case.make_processor(model.config)
+    inputs = prepare_inputs(
+        processor, model, processor_texts(case), videos=processor_videos(case), return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        bare = model(**{k: v for k, v in inputs.items() if k not in model_only_inputs(case)})
+        stts = stts_of(model, case, prune_ratio=0.0)
+        nothing = stts(**inputs)
+    assert nothing.stts is not None and nothing.stts.units_after == nothing.stts.units_before
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(nothing.logits[real], bare.logits[real], atol=1e-5, rtol=1e-5)
+
+    stts.set_prune_ratio(0.5)
+    report = stts(**inputs).stts
+    assert len(report.units_before) == 2
+    for before, after, keep in zip(report.units_before, report.units_after, report.keep_masks):
+        per_frame = keep.shape[1]
+        assert before == keep.numel() and keep.shape[0] > 1
+        assert after == before - min(before // 2, before - per_frame)
+        assert bool(keep[0].all())
+    assert int(real.sum() - report.attention_mask.sum()) == sum(report.units_before) - sum(report.units_after)
+    assert not [w for w in recwarn if "STTS" in str(w.message)]
+
+
+def test_the_processors_own_output_is_pruned_or_warned_about(processor_case, saved):
+    """Straight from the processor (no `prepare_inputs`): pruned, or, where the family cannot find the videos in
+    it, a warning naming the fix, once, and the bare model's outputs (never a silent bare run)."""
+    case = processor_case
+    model = case.model_class.from_pretrained(saved[case.name]).eval()
+    processor = case.make_processor(model.config)
+    inputs = processor(text=processor_texts(case), videos=processor_videos(case), return_tensors="pt", padding=True)
+    stts = stts_of(model, case, prune_ratio=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = stts(**inputs)
+        again = stts(**inputs)
+    notes = [str(w.message) for w in caught if "STTS is not pruning" in str(w.message)]
+    if getattr(out, "stts", None) is not None:
+        assert out.stts.units_after != out.stts.units_before and not notes
+        return
+    assert len(notes) == 1 and "prepare_inputs" in notes[0], notes
+    with torch.no_grad():
+        bare = model(**inputs)
+    assert torch.equal(out.logits, bare.logits) and torch.equal(again.logits, bare.logits)
+
+
+def model_only_inputs(case):
+    return set(get_architecture(case.name).stts_only_inputs)

@@ -16,6 +16,7 @@ from transformers import InternVLForConditionalGeneration
 from stts_adapter import STTSConfig, apply_stts
 from stts_adapter.errors import STTSInputError
 from stts_adapter.model_registry.internvl import PIXEL_VIDEO_INDEX
+from stts_adapter.processing import prepare_inputs
 from stts_adapter.testing import Sample
 from stts_adapter.testing.internvl import (
     IMG_END,
@@ -25,6 +26,7 @@ from stts_adapter.testing.internvl import (
     internvl_video_placeholders,
     tiny_internvl_config,
 )
+from stts_adapter.testing.processors import tiny_internvl_processor
 
 PRUNE_LAYER = 1
 
@@ -190,7 +192,8 @@ def test_without_a_video_row_the_call_is_the_bare_model(model):
     batch = build_internvl_batch(config, image_and_video_samples(), "left")
     bare = model(**{k: v for k, v in batch.items() if k != PIXEL_VIDEO_INDEX})
     stts = stts_of(model, prune_ratio=0.5)
-    no_index = stts(**{k: v for k, v in batch.items() if k != PIXEL_VIDEO_INDEX})
+    with pytest.warns(UserWarning, match="prepare_inputs"):
+        no_index = stts(**{k: v for k, v in batch.items() if k != PIXEL_VIDEO_INDEX})
     assert torch.equal(no_index.logits, bare.logits) and getattr(no_index, "stts", None) is None
 
     images = build_internvl_batch(config, [Sample(image=torch.rand(3, 56, 56)), Sample(image=torch.rand(3, 56, 112))])
@@ -291,3 +294,30 @@ def test_gradient_checkpointing_of_the_pruned_vision_layers_is_refused(model):
     assert all(
         len(layer.base_layer.attention._forward_pre_hooks) == 0 for layer in model.model.vision_tower.encoder.layer
     )
+
+
+# --------------------------------------------------------------------------------------------- the real processor
+def uint8_frames(video):
+    return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_prepare_inputs_gives_every_row_of_the_real_processors_output_its_video(model):
+    """An image of 3 tiles (2 crops + thumbnail) before a video in the first prompt, a video alone in the second:
+    `InternVLProcessor` merges tiles and frames into one pixel_values in prompt order."""
+    processor = tiny_internvl_processor(model.config)
+    image = uint8_frames(torch.rand(1, 3, 60, 120, generator=torch.Generator().manual_seed(3)))[0]
+    videos = [uint8_frames(INTERNVL.video(0)), uint8_frames(INTERNVL.video(1, size=(4, 56, 56)))]
+    texts = ["<IMG_CONTEXT> describe <video> What happens", "<video> describe it"]
+    inputs = prepare_inputs(processor, model, texts, images=[image], videos=videos, return_tensors="pt", padding=True)
+    assert inputs[PIXEL_VIDEO_INDEX].tolist() == [-1] * 3 + [0] * 4 + [1] * 4
+    report = stts_of(model, prune_ratio=0.5)(**inputs).stts
+    assert report.units_before == [16, 16] and report.units_after == [8, 8]
+
+
+def test_one_tile_images_raise_no_warning_and_are_the_bare_model(model, recwarn):
+    processor = tiny_internvl_processor(model.config, max_patches=1)
+    images = [uint8_frames(torch.rand(1, 3, 56, 56))[0], uint8_frames(torch.rand(1, 3, 40, 70))[0]]
+    inputs = processor(text=["<IMG_CONTEXT> what", "<IMG_CONTEXT> describe"], images=images, return_tensors="pt")
+    bare = model(**inputs)
+    assert torch.equal(stts_of(model, prune_ratio=0.5)(**inputs).logits, bare.logits)
+    assert not [w for w in recwarn if "STTS" in str(w.message)]

@@ -15,7 +15,9 @@ from transformers import SmolVLMForConditionalGeneration
 from stts_adapter import STTSConfig, apply_stts
 from stts_adapter.errors import STTSInputError
 from stts_adapter.model_registry.smolvlm import IS_VIDEO, pixel_shuffle_units
+from stts_adapter.processing import prepare_inputs
 from stts_adapter.testing import Sample
+from stts_adapter.testing.processors import tiny_smolvlm_processor
 from stts_adapter.testing.smolvlm import (
     FAKE_TOKEN_AROUND_IMAGE,
     GLOBAL_IMAGE_TOKEN,
@@ -77,14 +79,15 @@ def test_image_only_batches_are_the_bare_model_exactly(model):
     assert not hasattr(marked_none, "stts") and torch.equal(marked_none.logits, bare.logits)
 
 
-def test_unmarked_videos_are_still_images_and_marked_ones_are_pruned(model):
+def test_unmarked_videos_run_the_bare_model_with_a_warning_and_marked_ones_are_pruned(model):
     samples = [Sample(video=SMOLVLM.video(0)), Sample(video=SMOLVLM.video(1), prefix=[1, 14])]
     batch = build_smolvlm_batch(model.config, samples, "left")
     assert batch[IS_VIDEO].tolist() == [True, True]
     bare = model(**without_flag(batch))
     wrapped = stts(model, prune_ratio=0.5)
 
-    unmarked = wrapped(**without_flag(batch))  # nothing in the processor's output says "video"
+    with pytest.warns(UserWarning, match="prepare_inputs"):  # nothing in the processor's output says "video"
+        unmarked = wrapped(**without_flag(batch))
     assert torch.equal(unmarked.logits, bare.logits)
     marked = wrapped(**batch)
     assert marked.stts.units_before == [64, 48] and marked.stts.units_after == [32, 24]
@@ -247,3 +250,27 @@ def test_the_video_flag_never_reaches_the_base_model():
     with stts.disable_stts():
         assert torch.equal(stts.generate(**batch, max_new_tokens=3, do_sample=False), expected)
     assert stts.generate(**batch, max_new_tokens=3, do_sample=False).shape == expected.shape
+
+
+# --------------------------------------------------------------------------------------------- the real processor
+def uint8_frames(video):
+    return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_prepare_inputs_marks_images_as_images_and_refuses_what_the_processor_would_lose(model, recwarn):
+    processor = tiny_smolvlm_processor(model.config)
+    images = [[uint8_frames(image(1)[None])[0]], [uint8_frames(image(2, 84)[None])[0]]]
+    inputs = prepare_inputs(processor, model, ["<image> What", "<image> describe"], images=images, return_tensors="pt")
+    assert inputs[IS_VIDEO].tolist() == [False, False]
+    bare = model(**without_flag(inputs))
+    assert torch.equal(stts(model, prune_ratio=0.5)(**inputs).logits, bare.logits)
+    assert not [w for w in recwarn if "STTS" in str(w.message)]
+    with pytest.raises(STTSInputError, match="separate calls"):
+        prepare_inputs(
+            processor,
+            model,
+            ["<image> and <video> what"],
+            images=[images[0]],
+            videos=[uint8_frames(SMOLVLM.video(0))],
+            return_tensors="pt",
+        )

@@ -156,6 +156,11 @@ class FamilyCase:
         one_frame (`int`): frames of the smallest video (Qwen: 2 frames fill one temporal slot).
         packs_rows (`bool`): the ViT runs frames as a batch (row packing) rather than one packed sequence.
         prune_layer (`int`): prune layer of the tests (the tiny ViTs are 4-5 blocks deep).
+        make_processor (`Callable[[config], ProcessorMixin]`, *optional*): the family's real transformers processor
+            class for the tiny config, with a tiny tokenizer built offline (`stts_adapter.testing.processors`).
+        video_prompt (`str`): what a prompt writes for a video, for the processor.
+        processor_videos (`tuple[tuple[int, int, int], ...]`, *optional*): (frames, height, width) of the videos fed
+            to the processor, if not `videos` (e.g. one frame count for processors that stack videos).
     """
 
     name: str
@@ -168,14 +173,23 @@ class FamilyCase:
     one_frame: int = 1
     packs_rows: bool = True
     prune_layer: int = 1
+    make_processor: Any = None
+    video_prompt: str = "<video>"
+    processor_videos: tuple[tuple[int, int, int], ...] | None = None
 
-    def video(self, index: int, seed: int = 0) -> torch.Tensor:
-        """Video `index` of the batch tests (a moving square), different per index and seed."""
-        frames, height, width = self.videos[index]
+    def video(self, index: int, seed: int = 0, size: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Video `index` of the batch tests (a moving square), different per index and seed; `size` (frames,
+        height, width) defaults to `videos[index]`."""
+        frames, height, width = size or self.videos[index]
         colors = [(1.0, 0.1, 0.1), (0.1, 0.9, 0.2), (0.2, 0.3, 1.0)]
         return moving_square_video(
             frames, height, width, square=min(14, height // 2), color=colors[index % 3], step=(0, 7), seed=seed + index
         )
+
+    def processor_video(self, index: int) -> Any:
+        """Video `index` as a decoded file gives it to a processor: a uint8 numpy array `(frames, height, width, 3)`."""
+        size = (self.processor_videos or self.videos)[index]
+        return (self.video(index, size=size) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     def __repr__(self) -> str:  # readable pytest ids
         return self.name

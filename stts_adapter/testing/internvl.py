@@ -12,6 +12,7 @@ from stts_adapter.model_registry.internvl import PIXEL_VIDEO_INDEX
 
 from ..sequence import pad_token_id
 from .common import IMAGE_TOKEN, VISION_END, VISION_START, FamilyCase, Sample, tiny_text_config, tokenize
+from .processors import tiny_internvl_processor
 
 # Word ids standing for the processor's frame text: "Frame", ":" and "\n", and "1", "2", ... from FRAME_NUMBER on.
 FRAME_WORD, COLON, NEWLINE, FRAME_NUMBER = 901, 902, 903, 910
@@ -147,6 +148,9 @@ def _case() -> FamilyCase:
         videos=((4, 56, 56), (3, 56, 56)),  # frames are rows of pixel_values: videos may differ in length
         units=internvl_video_units,
         vit_tokens_per_unit=4,
+        make_processor=tiny_internvl_processor,
+        video_prompt="<video>",
+        processor_videos=((4, 64, 80), (4, 90, 60)),  # the processor stacks a call's videos: one frame count
     )
 
 

@@ -8,6 +8,7 @@ import stts_adapter.model_registry.smolvlm  # noqa: F401  (registers the entry)
 from stts_adapter.model_registry.smolvlm import IS_VIDEO
 
 from .common import IMAGE_TOKEN, PAD, FamilyCase, Sample, tiny_text_config, tokenize
+from .processors import tiny_smolvlm_processor
 
 # Special tokens of the SmolVLM2 tokenizer, inside the tiny vocabulary.
 FAKE_TOKEN_AROUND_IMAGE = 993  # <fake_token_around_image>
@@ -146,6 +147,8 @@ def _case() -> FamilyCase:
         videos=((4, 112, 112), (3, 112, 112)),  # frame counts may differ: the shorter row is padded with zero images
         units=smolvlm_video_units,
         vit_tokens_per_unit=16,
+        make_processor=tiny_smolvlm_processor,
+        processor_videos=((6, 64, 80), (4, 90, 60)),  # resized to the vision image size; the shorter row padded
     )
 
 

@@ -1,0 +1,116 @@
+"""The REAL transformers processor classes of the tiny models, with a tiny word-level tokenizer built offline.
+
+The image and video processors are the families' own classes (they resize, normalise, tile and sample frames as
+for the released checkpoints); only the tokenizer is tiny: it maps each special token the processor writes to the
+id the tiny config expects, and every other word to `<unk>` (ids stay inside the tiny vocabulary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .common import BOS, EOS, IMAGE_TOKEN, PAD, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB_SIZE
+
+UNK = 3
+WORDS = (
+    *("You", "are", "provided", "the", "following", "series", "of", "frames", "from", "a", "video", "Frame"),
+    *("What", "happens", "describe", "it", "image", "is", "in"),
+    *("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+)
+
+
+def tiny_tokenizer(special_tokens: Mapping[str, int], named_tokens: Mapping[str, str] | None = None) -> Any:
+    """A word-level `PreTrainedTokenizerFast`: `special_tokens` at their ids, a few English words and the digits
+    0-9, everything else `<unk>`.
+
+    Args:
+        special_tokens (`Mapping[str, int]`): token text -> id (the ids of the tiny config).
+        named_tokens (`Mapping[str, str]`, *optional*): attribute name -> token text, for processors that read
+            e.g. `tokenizer.start_image_token` (transformers' `extra_special_tokens`).
+
+    Returns:
+        `PreTrainedTokenizerFast`
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": UNK, **special_tokens}
+    taken = set(vocab.values())
+    free = (i for i in range(VOCAB_SIZE) if i not in taken)
+    for word in (*WORDS, *map(str, range(10))):
+        vocab.setdefault(word, next(free))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # Special tokens whole, then words, digits one by one, and punctuation; whitespace separates.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"<[^<>\s]+>|[A-Za-z]+|\d|[^\w\s]"), behavior="isolated"),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(special_tokens),
+        extra_special_tokens=dict(named_tokens or {}),
+    )
+
+
+def tiny_smolvlm_processor(config: Any) -> Any:
+    """`SmolVLMProcessor` (with `SmolVLMImageProcessor` and `SmolVLMVideoProcessor`) for `tiny_smolvlm_config`:
+    frames and images resized to the vision image size, no image splitting.
+
+    Needs `num2words` (the processor spells out the frame count) and torchvision (the video processor).
+    """
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    from .smolvlm import FAKE_TOKEN_AROUND_IMAGE, GLOBAL_IMAGE_TOKEN, smolvlm_tokens_per_image
+
+    tokenizer = tiny_tokenizer(
+        {
+            "<image>": config.image_token_id,
+            "<video>": VIDEO_TOKEN,
+            "<fake_token_around_image>": FAKE_TOKEN_AROUND_IMAGE,
+            "<global-img>": GLOBAL_IMAGE_TOKEN,
+            "<end_of_utterance>": EOS,
+        }
+    )
+    side = {"longest_edge": config.vision_config.image_size}
+    return SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(size=side, max_image_size=side, do_image_splitting=False),
+        video_processor=SmolVLMVideoProcessor(size=side, max_image_size=side),
+        tokenizer=tokenizer,
+        image_seq_len=smolvlm_tokens_per_image(config),
+    )
+
+
+def tiny_internvl_processor(config: Any, max_patches: int = 4) -> Any:
+    """`InternVLProcessor` (with `GotOcr2ImageProcessor` and `InternVLVideoProcessor`) for `tiny_internvl_config`:
+    tiles and frames of the vision image size, images cut into up to `max_patches` tiles plus a thumbnail.
+
+    Needs torchvision (the video processor).
+    """
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    from .internvl import internvl_tokens_per_tile
+
+    named = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tokenizer = tiny_tokenizer(
+        {"<IMG_CONTEXT>": IMAGE_TOKEN, "<img>": VISION_START, "</img>": VISION_END, "<video>": VIDEO_TOKEN}, named
+    )
+    size = config.vision_config.image_size
+    tile = {"height": size[0], "width": size[1]}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, max_patches=max_patches),
+        video_processor=InternVLVideoProcessor(size=tile),
+        tokenizer=tokenizer,
+        image_seq_length=internvl_tokens_per_tile(config),
+    )
