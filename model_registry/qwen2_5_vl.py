@@ -84,7 +84,9 @@ class Qwen2VLEntry(VarlenViTEntry):
             block_segments=block_segments,
         )
 
-    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], vision_pass: Any) -> list[torch.Tensor]:
+    def encode_videos(
+        self, model: nn.Module, inputs: dict[str, Any], vision_pass: VisionPruningPass
+    ) -> list[torch.Tensor]:
         output = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
         return list(output.pooler_output)
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from stts_adapter.registry import register_architecture
+from stts_adapter.runtime import VisionPruningPass
 
 from .qwen2_5_vl import Qwen2_5_VLEntry
 
@@ -37,7 +38,9 @@ class Qwen3VLEntry(Qwen2_5_VLEntry):
         mergers = model.get_submodule(self.deepstack_mergers)
         return (self.connector, *(f"{self.deepstack_mergers}.{i}" for i in range(len(mergers))))
 
-    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], vision_pass: Any) -> list[torch.Tensor]:
+    def encode_videos(
+        self, model: nn.Module, inputs: dict[str, Any], vision_pass: VisionPruningPass
+    ) -> list[torch.Tensor]:
         """Per video `(placeholders, 1 + deepstack layers, llm_hidden_size)`: the main features, then each DeepStack
         layer's, one row per unit, so that the core's placeholder pruning prunes all of them alike."""
         output = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)

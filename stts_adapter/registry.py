@@ -12,7 +12,7 @@ import importlib
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .errors import UnsupportedModelError
 from .packing import TokenUnits
 from .selection import VideoLayout
+
+if TYPE_CHECKING:  # runtime imports this module
+    from .packing import PrunedVarlen, RowPacking
+    from .runtime import VisionPruningPass
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +162,9 @@ class ArchitectureEntry:
         """Last ViT block anything reads; later blocks are skipped while pruning (None: run them all)."""
         return None
 
-    def encode_videos(self, model: nn.Module, inputs: dict[str, Any], vision_pass: Any) -> list[torch.Tensor]:
+    def encode_videos(
+        self, model: nn.Module, inputs: dict[str, Any], vision_pass: VisionPruningPass
+    ) -> list[torch.Tensor]:
         """*family* Run the model's video encoder; the wrappers prune inside it.
 
         Returns:
@@ -171,7 +177,7 @@ class ArchitectureEntry:
         """Per video, which of its placeholders stay. Default: one placeholder per unit, in layout order."""
         return list(keep_units.split(list(layout.units_per_video)))
 
-    def biased_block_inputs(self, vision_pass: Any, args: tuple, kwargs: dict, token_bias: torch.Tensor):
+    def biased_block_inputs(self, vision_pass: VisionPruningPass, args: tuple, kwargs: dict, token_bias: torch.Tensor):
         """*family* The arguments of block prune_layer + 1 with the key bias (one value per ViT token) added."""
         raise NotImplementedError
 
@@ -180,7 +186,9 @@ class ArchitectureEntry:
         side, one value per ViT token (0 = unchanged), broadcast over heads and queries."""
         raise NotImplementedError
 
-    def prune_tokens(self, vision_pass: Any, block_output: Any, block_kwargs: dict) -> tuple[Any, Any]:
+    def prune_tokens(
+        self, vision_pass: VisionPruningPass, block_output: Any, block_kwargs: dict
+    ) -> tuple[torch.Tensor, PrunedVarlen | RowPacking]:
         """*family* Remove the pruned units' tokens after block prune_layer + 1.
 
         Returns:
@@ -188,15 +196,17 @@ class ArchitectureEntry:
         """
         raise NotImplementedError
 
-    def pruned_block_inputs(self, vision_pass: Any, block_index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def pruned_block_inputs(
+        self, vision_pass: VisionPruningPass, block_index: int, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
         """*family* Arguments of a block that runs on kept tokens only (segments, masks, rotary tables...)."""
         raise NotImplementedError
 
-    def unpack_output(self, vision_pass: Any, block_output: torch.Tensor) -> torch.Tensor:
+    def unpack_output(self, vision_pass: VisionPruningPass, block_output: torch.Tensor) -> torch.Tensor:
         """*family* A pruned block's output in the unpruned layout (for `capture_blocks`)."""
         raise NotImplementedError
 
-    def run_connector(self, vision_pass: Any, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def run_connector(self, vision_pass: VisionPruningPass, connector: nn.Module, args: tuple, kwargs: dict) -> Any:
         """*family* Run the wrapped connector on kept tokens, returning what the model expects from it. (A connector
         that reads a block before the pruning point sees every token and runs unchanged, without this call.)"""
         raise NotImplementedError

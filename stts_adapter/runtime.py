@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .losses import temporal_aux_loss
-from .packing import TokenUnits
+from .packing import PrunedVarlen, RowPacking, TokenUnits
 from .registry import ArchitectureEntry
 from .scorer import STTSScorer, soft_key_bias
 from .selection import VideoLayout, random_scores, select_units, similarity_scores
@@ -90,7 +90,7 @@ class VisionPruningPass:
         self.logit_penalty: torch.Tensor | None = None
         self.token_bias: torch.Tensor | None = None
         self.token_gate: torch.Tensor | None = None
-        self.pruned: Any = None
+        self.pruned: PrunedVarlen | RowPacking | None = None
         self.captured: dict[int, torch.Tensor] = {}
         self.attention_mask: torch.Tensor | None = None
 
