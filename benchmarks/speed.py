@@ -531,7 +531,7 @@ def block_output(model: STTSModel, batch: dict, index: int) -> torch.Tensor:
 
 
 def scoring_step(model: STTSModel, batch: dict, training: bool) -> Callable[[], None]:
-    """One scoring step alone on block prune_layer's output, as a pruning pass runs it (`VisionPruningPass._score`:
+    """One scoring step alone on block prune_layer's output, as a pruning pass runs it (`VisionPruningPass.score`:
     unit gathering, scorer, temporal aux loss, key bias, selection); in training with the scorer's backward."""
     entry, base = model.architecture, model.transformers_model
     hidden = block_output(model, batch, model.stts_config.prune_layer)
@@ -539,9 +539,9 @@ def scoring_step(model: STTSModel, batch: dict, training: bool) -> Callable[[], 
     tokens = entry.vision_tokens(base, batch, layout)
 
     def run() -> None:
-        vision_pass = VisionPruningPass(entry, model._settings(), model.scorer, layout, tokens)
+        vision_pass = VisionPruningPass(entry, model.pruning_settings(), model.scorer, layout, tokens)
         with torch.set_grad_enabled(training):
-            vision_pass._score(hidden)
+            vision_pass.score(hidden)
             if training:
                 (vision_pass.aux_loss + vision_pass.token_bias.sum()).backward()
                 model.zero_grad(set_to_none=True)

@@ -76,7 +76,6 @@ class STTSModel(nn.Module):
 
         self.base_model = model
         self.scorer = scorer
-        self.training = model.training  # follow the base model's mode without touching its submodules
         if scorer is not None:
             scorer.train(model.training)
         self.stts_config = config
@@ -94,13 +93,22 @@ class STTSModel(nn.Module):
     def _mirror_forward_signature(self, model: nn.Module) -> None:
         """Give this instance's `forward` the base model's signature: tools that read it (the Trainer keeps the
         dataset columns `forward` names) see the inputs the model takes, as with a PeftModel."""
+        self.__dict__["forward"] = _ForwardWithBaseSignature(self)  # an instance attribute: nothing global changes
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return STTSModel.forward(self, *args, **kwargs)
+    @property
+    def training(self) -> bool:
+        """The base model's mode: `vlm.train()` / `vlm.eval()` on the wrapped model (as user code or a Trainer calls
+        them) switch STTS too (its aux loss, its random masks)."""
+        base_model = self.__dict__.get("_modules", {}).get("base_model")
+        return self.__dict__.get("_training", True) if base_model is None else base_model.training
 
-        forward.__signature__ = inspect.signature(unwrap_peft(model).forward)  # a PeftModel's is (*args, **kwargs)
-        forward.__doc__ = STTSModel.forward.__doc__
-        self.__dict__["forward"] = forward  # an instance attribute: nothing global changes
+    @training.setter
+    def training(self, mode: bool) -> None:
+        base_model = self.__dict__.get("_modules", {}).get("base_model")
+        if base_model is None:  # nn.Module.__init__, before the base model is attached
+            self.__dict__["_training"] = mode
+        else:
+            base_model.training = mode
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -157,7 +165,12 @@ class STTSModel(nn.Module):
                 warnings.warn(f"STTS is not pruning this call: {reason}", stacklevel=3)
         return False
 
-    def _settings(self) -> PruningSettings:
+    def pruning_settings(self) -> PruningSettings:
+        """The config values and mode a call made now would prune with (what a `VisionPruningPass` runs on).
+
+        Returns:
+            `PruningSettings`
+        """
         c = self.stts_config
         return PruningSettings(
             prune_ratio=c.prune_ratio,
@@ -285,7 +298,7 @@ class STTSModel(nn.Module):
         return output
 
     def _vision_pass(self, layout: VideoLayout, tokens: Any, **kwargs: Any) -> VisionPruningPass:
-        return VisionPruningPass(self.architecture, self._settings(), self.scorer, layout, tokens, **kwargs)
+        return VisionPruningPass(self.architecture, self.pruning_settings(), self.scorer, layout, tokens, **kwargs)
 
     def _report(self, layout: VideoLayout, vision_pass: VisionPruningPass, sequence: Any) -> STTSReport:
         units = list(layout.units_per_video)
@@ -520,6 +533,25 @@ def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any], entry: ArchitectureEn
             raise TypeError(f"{name} was given both positionally and as a keyword.")
         kwargs = {name: args[0], **kwargs}
     return kwargs
+
+
+class _ForwardWithBaseSignature:
+    """`STTSModel.forward` of one model, under the signature of the base model's `forward`.
+
+    An object rather than a closure, so that `copy.deepcopy` of the model gives a copy whose forward runs the copy,
+    and the model pickles (`torch.save(model)`) as its base model does.
+    """
+
+    def __init__(self, model: STTSModel) -> None:
+        self.model = model
+        self.__doc__ = STTSModel.forward.__doc__  # what help(model.forward) shows
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return STTSModel.forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(unwrap_peft(self.model.base_model).forward)  # a PeftModel's is (*args, **kwargs)
 
 
 def _aux_loss_share(inputs: dict[str, Any], loss: torch.Tensor) -> torch.Tensor | float:

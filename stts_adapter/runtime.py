@@ -112,7 +112,7 @@ class VisionPruningPass:
         if index <= k:
             output = block(*args, **kwargs)
             if index == k:
-                self._score(_hidden_states(output))
+                self.score(_hidden_states(output))
             self._capture(index, output)
             return output
         if index == k + 1:
@@ -145,7 +145,13 @@ class VisionPruningPass:
             self.captured[index] = _hidden_states(output)
 
     # ------------------------------------------------------------------------------------------------ scoring
-    def _score(self, hidden_states: torch.Tensor) -> None:
+    def score(self, hidden_states: torch.Tensor) -> None:
+        """Score the units in block prune_layer's output and choose the kept ones: sets `scores`, `keep` and, with
+        the learned scorer, `logits`, `aux_loss`, `logit_penalty` and the key bias of the next block.
+
+        Args:
+            hidden_states (`torch.Tensor`): the block's output, `(..., vit_hidden)` in the ViT's token order.
+        """
         settings, layout = self.settings, self.layout
         unit_patches, patch_mask = self.tokens.gather_units(hidden_states.reshape(-1, hidden_states.shape[-1]))
         previous_unit = layout.previous_unit.to(unit_patches.device)
