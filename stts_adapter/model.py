@@ -194,18 +194,18 @@ class STTSModel(nn.Module):
             **kwargs: exactly the base model's inputs, as its processor makes them; `labels` in the unpruned layout.
 
         Returns:
-            The base model's output over the pruned sequence, with `out.stts` (an `STTSReport`) when videos were
-            pruned. In training mode `out.loss` = LM loss + `aux_loss_weight` x temporal auxiliary loss
-            (+ `logit_penalty_weight` x mean(logit^2)).
+            The base model's output over the pruned sequence, with `out.stts`: an `STTSReport` when videos were
+            pruned, None when the call pruned nothing (no video, or STTS disabled). In training mode `out.loss` = LM
+            loss + `aux_loss_weight` x temporal auxiliary loss (+ `logit_penalty_weight` x mean(logit^2)).
         """
         self._check_loaded()
         kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
         if not self.architecture.has_language_model:
             return self._forward_frames(kwargs)
         if id(self) in _DISABLED.get():
-            return self.base_model(**self._base_inputs(kwargs))
+            return _with_report(self.base_model(**self._base_inputs(kwargs)), None)
         if not self._has_videos(kwargs):
-            return self._attach_scorer(self.base_model(**self._base_inputs(kwargs)))
+            return _with_report(self._attach_scorer(self.base_model(**self._base_inputs(kwargs))), None)
         return_dict = kwargs.pop("return_dict", None)
         model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
         outputs = self.base_model(**model_inputs, return_dict=True)
@@ -216,7 +216,7 @@ class STTSModel(nn.Module):
                 share = _aux_loss_share(kwargs, outputs.loss)
                 outputs["loss"] = outputs.loss + scorer_loss.to(outputs.loss.dtype) * share
         outputs = self._attach_scorer(outputs)  # e.g. nothing pruned and aux_loss_weight 0: still a graph
-        outputs.stts = self._emit(report)  # an attribute, not a key: invisible to to_tuple() and the Trainer
+        outputs = _with_report(outputs, self._emit(report))
         return outputs if return_dict is not False else outputs.to_tuple()
 
     def _scorer_loss(self, report: STTSReport) -> torch.Tensor | None:
@@ -283,19 +283,14 @@ class STTSModel(nn.Module):
         entry, model = self.architecture, self.transformers_model
         call_inputs, frames = entry.frames_inputs(inputs)
         if frames is None or id(self) in _DISABLED.get():
-            return self.base_model(**call_inputs)
+            return _with_report(self.base_model(**call_inputs), None)
         layout_inputs = {**call_inputs, entry.frames_argument: frames}
         layout = entry.video_layout(model, layout_inputs)
         last = self.stts_config.num_vision_blocks - 1
         vision_pass = self._vision_pass(layout, entry.vision_tokens(model, layout_inputs, layout), restore_block=last)
         with vision_pass.active():
             output = self.base_model(**call_inputs)
-        report = self._emit(self._report(layout, vision_pass, sequence=None))
-        if isinstance(output, torch.Tensor):
-            output.stts = report  # a plain tensor (e.g. timm logits) carries the report as an attribute
-        else:
-            output.stts = report
-        return output
+        return _with_report(output, self._emit(self._report(layout, vision_pass, sequence=None)))
 
     def _vision_pass(self, layout: VideoLayout, tokens: Any, **kwargs: Any) -> VisionPruningPass:
         return VisionPruningPass(self.architecture, self.pruning_settings(), self.scorer, layout, tokens, **kwargs)
@@ -533,6 +528,15 @@ def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any], entry: ArchitectureEn
             raise TypeError(f"{name} was given both positionally and as a keyword.")
         kwargs = {name: args[0], **kwargs}
     return kwargs
+
+
+def _with_report(output: Any, report: STTSReport | None) -> Any:
+    """`output` with `output.stts = report` (None: this call pruned nothing), an attribute rather than a key, so
+    `to_tuple()` and the Trainer do not see it; a plain tensor (e.g. timm logits) carries it too. A tuple output
+    (`return_dict=False`) cannot carry it."""
+    with contextlib.suppress(AttributeError):
+        output.stts = report
+    return output
 
 
 class _ForwardWithBaseSignature:

@@ -114,6 +114,7 @@ def test_disabled_equals_the_bare_model_exactly(case, model):
         disabled = stts(**batch)
     assert torch.equal(disabled.logits, bare.logits)
     assert torch.equal(disabled.loss, bare.loss)
+    assert disabled.stts is None  # None, not absent: code can test it without hasattr
     assert torch.equal(stts.base_model(**batch).logits, bare.logits)  # the wrapped model called directly
 
 

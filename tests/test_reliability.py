@@ -449,7 +449,7 @@ def test_a_text_only_batch_is_the_base_model_exactly(case):
         stts = stts_of(model, case)
         out = stts(**batch)
         assert torch.equal(out.logits, bare.logits) and torch.equal(out.loss, bare.loss)
-        assert not hasattr(out, "stts")
+        assert out.stts is None
         assert torch.equal(stts.generate(**prompt, max_new_tokens=3, do_sample=False), bare_ids)
 
 
