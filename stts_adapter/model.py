@@ -116,7 +116,21 @@ class STTSModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _ADAPTER_API:  # forwarded, they would act on the base model's adapters, not on STTS
+                raise AttributeError(
+                    f"STTSModel has no {name}(): {_ADAPTER_API[name]} To use the base model's own adapter API (e.g. "
+                    f"the LoRA adapters of a PeftModel under STTS), call model.get_base_model().{name}(...)."
+                ) from None
             return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The model STTS wraps (a transformers model, a timm model, or a PeftModel of one), as PEFT's
+        `get_base_model()`. The wrappers STTS put into it stay until `unload()`.
+
+        Returns:
+            `nn.Module`: `self.base_model`.
+        """
+        return self.base_model
 
     @property
     def peft_config(self) -> Any:
@@ -528,6 +542,20 @@ def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any], entry: ArchitectureEn
             raise TypeError(f"{name} was given both positionally and as a keyword.")
         kwargs = {name: args[0], **kwargs}
     return kwargs
+
+
+# transformers' (and PEFT's) adapter API: what STTS offers instead.
+_ADAPTER_API = {
+    "load_adapter": "load an STTS adapter with STTSModel.from_pretrained(base_model, path_or_repo_id).",
+    "add_adapter": "an STTS model has one scorer; apply_stts(base_model, STTSConfig(...)) makes a new one.",
+    "set_adapter": "an STTS model has one scorer; change its runtime knob with set_prune_ratio().",
+    "enable_adapters": "STTS is on unless disabled; `with model.disable_stts():` runs the base model alone.",
+    "disable_adapters": "`with model.disable_stts():` runs the base model alone.",
+    "disable_adapter": "`with model.disable_stts():` runs the base model alone.",
+    "active_adapters": "an STTS model has one scorer (model.stts_config describes it).",
+    "active_adapter": "an STTS model has one scorer (model.stts_config describes it).",
+    "delete_adapter": "model.unload() removes STTS and gives the base model back.",
+}
 
 
 def _with_report(output: Any, report: STTSReport | None) -> Any:

@@ -5,6 +5,7 @@ import copy
 import inspect
 import pickle
 
+import pytest
 import torch
 
 from stts_adapter import STTSConfig, STTSModel, apply_stts
@@ -70,3 +71,22 @@ def test_train_and_eval_on_the_wrapped_model_switch_stts(load):
     assert torch.equal(out.loss, out.stts.lm_loss)
     stts.train()  # and the other way round, as before
     assert model.training and stts.scorer.training
+
+
+def test_transformers_adapter_api_names_the_stts_equivalent_instead_of_acting_on_the_base(load):
+    model = load()
+    stts = apply_stts(model, STTSConfig(prune_layer=PRUNE_LAYER))
+    assert stts.get_base_model() is model
+    for name, equivalent in [
+        ("load_adapter", "STTSModel.from_pretrained"),
+        ("add_adapter", "apply_stts"),
+        ("set_adapter", "set_prune_ratio"),
+        ("enable_adapters", "disable_stts"),
+        ("disable_adapters", "disable_stts"),
+        ("active_adapters", "stts_config"),
+        ("delete_adapter", "unload"),
+    ]:
+        assert hasattr(model, name)  # the base model has it: forwarding would have called it
+        with pytest.raises(AttributeError, match=equivalent) as error:
+            getattr(stts, name)
+        assert "get_base_model()" in str(error.value)
