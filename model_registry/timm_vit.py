@@ -41,6 +41,20 @@ class TimmViTEntry(VisionOnlyViTEntry):
         config = getattr(model, "pretrained_cfg", None) or {}
         return config.get("hf_hub_id") or config.get("architecture")
 
+    def load_base_model(self, name_or_path: str, model_class: str | None, **kwargs: Any) -> nn.Module:
+        """`timm.create_model` (pretrained unless `pretrained=False` is passed) of the recorded Hub id or model name.
+        timm reads a Hub token from the environment (HF_TOKEN) and takes no revision: both are dropped here."""
+        import timm
+
+        kwargs.pop("token", None)
+        kwargs.pop("revision", None)
+        kwargs.setdefault("pretrained", True)
+        if name_or_path.startswith("timm/"):  # timm's own Hub ids are its model names (with the pretrained tag)
+            name_or_path = name_or_path[len("timm/") :]
+        elif "/" in name_or_path and not name_or_path.startswith("hf-hub:"):
+            name_or_path = "hf-hub:" + name_or_path
+        return timm.create_model(name_or_path, **kwargs)
+
     def vision_spec(self, model: nn.Module) -> VisionSpec:
         first = getattr(model.blocks[0], "base_layer", model.blocks[0])  # wrapped once STTS is applied
         return VisionSpec(

@@ -6,6 +6,7 @@ model = apply_stts(vlm, STTSConfig(prune_ratio=0.5, prune_layer=3))
 ```
 """
 
+from .auto import AutoSTTSModel
 from .config import STTSConfig
 from .errors import AdapterLoadError, STTSConfigError, STTSInputError, UnsupportedModelError
 from .model import STTSModel, apply_stts
@@ -17,6 +18,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AdapterLoadError",
     "ArchitectureEntry",
+    "AutoSTTSModel",
     "STTSConfig",
     "STTSConfigError",
     "STTSInputError",

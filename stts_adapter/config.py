@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AdapterLoadError, STTSConfigError
+from .files import resolve_adapter_file
 from .losses import AUX_LOSSES
 
 CONFIG_NAME = "stts_config.json"
@@ -246,6 +247,22 @@ class STTSConfig:
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
+    ) -> STTSConfig:
+        """Read the `stts_config.json` of an adapter folder or Hub repo (as `PeftConfig.from_pretrained`).
+
+        Args:
+            path_or_repo_id (`str`): a folder written by `save_pretrained`, or a Hub repo id.
+            revision (`str`, *optional*): branch, tag or commit on the Hub.
+            token (`str` or `bool`, *optional*): Hub token.
+
+        Raises:
+            AdapterLoadError: if there is no valid config there.
+        """
+        return cls.from_json_file(resolve_adapter_file(path_or_repo_id, CONFIG_NAME, revision, token))
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> STTSConfig:

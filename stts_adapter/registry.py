@@ -103,6 +103,19 @@ class ArchitectureEntry:
         """The base model's Hub id or path, recorded in the adapter (transformers: `config._name_or_path`)."""
         return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
+    def load_base_model(self, name_or_path: str, model_class: str | None, **kwargs: Any) -> nn.Module:
+        """Load the base model an adapter names (`AutoSTTSModel`): the transformers class it was saved with.
+
+        Args:
+            name_or_path (`str`): the adapter's `base_model_name_or_path`.
+            model_class (`str`, *optional*): its `base_model_class`; None: `AutoModelForImageTextToText`.
+            **kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `revision`, `token`, ...).
+        """
+        import transformers
+
+        loader = getattr(transformers, model_class or "", None) or transformers.AutoModelForImageTextToText
+        return loader.from_pretrained(name_or_path, **kwargs)
+
     def get_vision_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.vision_blocks)
 
