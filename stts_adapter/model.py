@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -427,14 +428,51 @@ class STTSModel(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------ save and load
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """Save the adapter only: `stts_config.json`, `stts_model.safetensors` (scorer weights) and a model card.
+
+        Takes PEFT's and transformers' keyword arguments where they mean something for one small scorer file.
 
         Args:
             save_directory (`str`): created if missing.
             is_main_process (`bool`, *optional*, defaults to True): only the main process writes (distributed runs).
+            safe_serialization (`bool`): must be True: adapters are safetensors only (never pickled).
+            max_shard_size: accepted and ignored: the scorer is one small file.
+            push_to_hub (`bool`): also upload the adapter, to `repo_id` (default: the folder's name) with `token`,
+                `private`, `commit_message`, `revision` and `create_pr` (see `push_to_hub`).
+
+        Raises:
+            ValueError: for `safe_serialization=False`. TypeError: for PEFT options that do not apply to STTS
+                (`selected_adapters`, `save_embedding_layers`, ...) and unknown keywords, by name.
         """
-        save_adapter(self, save_directory, **kwargs)
+        if not safe_serialization:
+            raise ValueError(
+                "STTS adapters are saved as safetensors only (nothing is ever pickled); drop safe_serialization=False."
+            )
+        del max_shard_size  # one small file: nothing to shard
+        hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KEYWORDS if k in kwargs}
+        not_for_stts = sorted(set(kwargs) & _PEFT_ONLY_SAVE_KEYWORDS)
+        if not_for_stts:
+            raise TypeError(
+                f"save_pretrained got {not_for_stts}: PEFT options for models with several adapters or embedding "
+                "layers; an STTS model has one scorer and saves only it."
+            )
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)}.")
+        if hub_kwargs and not push_to_hub:
+            raise TypeError(f"{sorted(hub_kwargs)} only apply with push_to_hub=True.")
+        save_adapter(self, save_directory, is_main_process=is_main_process)
+        if push_to_hub and is_main_process:
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+            self.push_to_hub(repo_id, **hub_kwargs)
 
     @classmethod
     def from_pretrained(
@@ -543,6 +581,9 @@ def _inputs_as_kwargs(args: tuple, kwargs: dict[str, Any], entry: ArchitectureEn
         kwargs = {name: args[0], **kwargs}
     return kwargs
 
+
+_PUSH_KEYWORDS = ("repo_id", "token", "private", "commit_message", "revision", "create_pr")
+_PEFT_ONLY_SAVE_KEYWORDS = {"selected_adapters", "save_embedding_layers", "path_initial_model_for_weight_conversion"}
 
 # transformers' (and PEFT's) adapter API: what STTS offers instead.
 _ADAPTER_API = {

@@ -360,3 +360,31 @@ def test_push_to_hub_to_a_new_branch_creates_it(named_stts, fake_hub):
     assert upload["revision"] == "v2"
     assert "v2" in fake_hub.repos["me/tiny-stts"]
     assert [up["files"] for up in fake_hub.uploads] == [ADAPTER_FILES]
+
+
+def test_save_pretrained_takes_peft_and_transformers_keywords(named_stts, fake_hub, tmp_path):
+    named_stts.save_pretrained(tmp_path / "a", safe_serialization=True, max_shard_size="5GB", is_main_process=True)
+    assert set(os.listdir(tmp_path / "a")) == ADAPTER_FILES
+    named_stts.save_pretrained(tmp_path / "not-main", is_main_process=False)
+    assert not (tmp_path / "not-main").exists()
+    with pytest.raises(ValueError, match="safetensors only"):
+        named_stts.save_pretrained(tmp_path / "b", safe_serialization=False)
+    with pytest.raises(TypeError, match="selected_adapters"):
+        named_stts.save_pretrained(tmp_path / "c", selected_adapters=["default"])
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['shard'\\]"):
+        named_stts.save_pretrained(tmp_path / "d", shard=True)
+    with pytest.raises(TypeError, match="push_to_hub=True"):
+        named_stts.save_pretrained(tmp_path / "e", repo_id="me/x")
+    assert not any((tmp_path / name).exists() for name in "bcde")  # refused before anything is written
+
+    named_stts.save_pretrained(
+        tmp_path / "tiny-stts", push_to_hub=True, token="hf_fake", private=True, commit_message="first"
+    )
+    (create,) = fake_hub.called("create_repo")
+    assert create["repo_id"] == "tiny-stts" and create["private"] is True  # the folder's name, as transformers
+    (upload,) = fake_hub.called("upload_folder")
+    assert upload["repo_id"] == f"{fake_hub.user}/tiny-stts" and upload["commit_message"] == "first"
+    assert fake_hub.uploads[0]["files"] == ADAPTER_FILES
+    named_stts.save_pretrained(tmp_path / "f", push_to_hub=True, repo_id="me/other", revision="dev")
+    assert fake_hub.called("upload_folder")[-1]["repo_id"] == "me/other"
+    assert fake_hub.called("upload_folder")[-1]["revision"] == "dev"
