@@ -513,10 +513,11 @@ def adapter_summary(adapter: str, revision: str | None = None) -> dict[str, Any]
     """
     from safetensors import safe_open
 
-    from .io import WEIGHTS_NAME, _resolve
+    from .files import resolve_adapter_file
+    from .io import WEIGHTS_NAME
 
-    config_path = _resolve(adapter, CONFIG_NAME, revision, None)
-    weights_path = _resolve(adapter, WEIGHTS_NAME, revision, None)
+    config_path = resolve_adapter_file(adapter, CONFIG_NAME, revision, None)
+    weights_path = resolve_adapter_file(adapter, WEIGHTS_NAME, revision, None)
     config = STTSConfig.from_json_file(config_path)
     tensors = {}
     try:

@@ -14,6 +14,7 @@ from .errors import AdapterLoadError, STTSConfigError
 from .files import resolve_adapter_file
 from .losses import AUX_LOSSES
 
+WEIGHTS_HASH = "weights_sha256"
 CONFIG_NAME = "stts_config.json"
 METHODS = ("scorer", "random", "similarity")
 # What an adapter saved before an option existed did; a saved config without the key gets this, not the new default.
@@ -150,6 +151,10 @@ class STTSConfig:
     num_vision_blocks: int | None = field(default=None, metadata={"help": "Number of ViT blocks of the base model."})
     patches_per_unit: int | None = field(default=None, metadata={"help": "ViT patches per pruning unit."})
     stts_adapter_version: str | None = field(default=None, metadata={"help": "Library version that saved it."})
+    weights_sha256: str | None = field(
+        default=None,
+        metadata={"help": "sha256 of the weights file saved with this config: a load checks they belong together."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()

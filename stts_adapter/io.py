@@ -6,19 +6,23 @@ base model is touched, so a failed load leaves it unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import platform
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub import HfApi
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .config import CONFIG_NAME, STTSConfig
+from .config import CONFIG_NAME, WEIGHTS_HASH, STTSConfig
 from .errors import AdapterLoadError
+from .files import resolve_adapter_file
 from .registry import find_architecture, unwrap_peft
 from .scorer import build_scorer
 
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from .model import STTSModel
 
 WEIGHTS_NAME = "stts_model.safetensors"
+EMBEDDED_CONFIG = "stts_config"  # the safetensors header key holding the weights' own config (JSON)
 SCORER_PREFIX = "scorer."
 
 
@@ -50,15 +55,49 @@ def save_adapter(model: STTSModel, save_directory: str | os.PathLike, is_main_pr
         return
     from . import __version__
 
-    if os.path.isfile(save_directory):
-        raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
-    os.makedirs(save_directory, exist_ok=True)
     config = STTSConfig.from_dict({**model.stts_config.to_dict(), "stts_adapter_version": __version__})
-    config.save_pretrained(save_directory)
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    card_path = os.path.join(save_directory, "README.md")
-    with open(card_path, "w", encoding="utf-8") as f:
-        f.write(model_card(config))
+    write_adapter(save_directory, config, tensors)
+
+
+def write_adapter(save_directory: str | os.PathLike, config: STTSConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write an adapter folder so that a reader always finds the old adapter or the new one, whole.
+
+    Every file is written to a temporary file in the folder and renamed over its target (a rename is atomic and
+    replaces a symlink at the target instead of writing through it). The weights go first and carry their own
+    config in the safetensors header; `stts_config.json` goes next and records the weights' sha256. A process
+    killed between the two leaves new weights beside the old config: the loader sees the hash differ and takes the
+    config the weights carry.
+
+    Args:
+        save_directory: created if missing.
+        config (`STTSConfig`): the adapter's config.
+        tensors (`dict[str, torch.Tensor]`): the adapter's tensors (`scorer.<name>`).
+    """
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; pass a directory.")
+    os.makedirs(save_directory, exist_ok=True)
+    config_json = json.dumps({**config.to_dict(), WEIGHTS_HASH: None}, indent=2, sort_keys=True)
+    weights = save(tensors, metadata={"format": "pt", EMBEDDED_CONFIG: config_json})
+    _write_atomically(os.path.join(save_directory, WEIGHTS_NAME), weights)
+    manifest = {**config.to_dict(), WEIGHTS_HASH: hashlib.sha256(weights).hexdigest()}
+    manifest_json = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    _write_atomically(os.path.join(save_directory, CONFIG_NAME), manifest_json.encode())
+    _write_atomically(os.path.join(save_directory, "README.md"), model_card(config).encode("utf-8"))
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """`data` into a new temporary file beside `path`, synced, then renamed over `path`."""
+    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def load_adapter(
@@ -70,9 +109,9 @@ def load_adapter(
     is_trainable: bool = False,
 ) -> STTSModel:
     """Check and load an adapter onto `model`. See `STTSModel.from_pretrained`."""
-    config_path = _resolve(path_or_repo_id, CONFIG_NAME, revision, token)
-    weights_path = _resolve(path_or_repo_id, WEIGHTS_NAME, revision, token)
-    config = STTSConfig.from_json_file(config_path)
+    config_path = resolve_adapter_file(path_or_repo_id, CONFIG_NAME, revision, token)
+    weights_path = resolve_adapter_file(path_or_repo_id, WEIGHTS_NAME, revision, token)
+    config = _config_of_weights(config_path, weights_path)
 
     transformers_model = unwrap_peft(model)
     entry = find_architecture(transformers_model)
@@ -190,22 +229,46 @@ model.set_prune_ratio({config.prune_ratio})  # optional: a runtime knob
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _resolve(path_or_repo_id: str | os.PathLike, filename: str, revision: str | None, token: Any) -> str:
-    path = os.fspath(path_or_repo_id)
-    if os.path.isdir(path):
-        candidate = os.path.join(path, filename)
-        if not os.path.isfile(candidate):
-            raise AdapterLoadError(f"{path} has no {filename}; it is not an STTS adapter folder (save_pretrained).")
-        return candidate
-    if os.path.exists(path):
-        raise AdapterLoadError(f"{path} is a file; pass the adapter's folder or a Hub repo id.")
+def _config_of_weights(config_path: str, weights_path: str) -> STTSConfig:
+    """The config that belongs to the weights: `stts_config.json` when it records their hash (or no hash: written by
+    an older version), else the config the weights carry (the JSON is from another save: an interrupted one)."""
+    config = STTSConfig.from_json_file(config_path)
+    recorded = config.weights_sha256
+    if recorded is None or recorded == _sha256(weights_path):
+        return config
+    embedded = _embedded_config(weights_path)
+    if embedded is None:  # weights written by other means: the checks of the tensors against the config decide
+        return config
+    warnings.warn(
+        f"{config_path} belongs to another save than {weights_path} (an interrupted save_pretrained?); using the "
+        "config stored with the weights. Save the adapter again to make the folder consistent.",
+        stacklevel=3,
+    )
+    return embedded
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _embedded_config(weights_path: str) -> STTSConfig | None:
+    """The config a weights file written by `write_adapter` carries (None: none, or unreadable: reading the tensors
+    reports that)."""
     try:
-        return hf_hub_download(path, filename, revision=revision, token=token)
-    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError) as exc:
-        raise AdapterLoadError(
-            f"Could not get {filename} of the STTS adapter {path!r} (revision={revision!r}): {exc}. Pass a local "
-            "folder written by save_pretrained, or a Hub repo id (and revision) that holds an STTS adapter."
-        ) from exc
+        with safe_open(weights_path, framework="pt") as f:
+            text = (f.metadata() or {}).get(EMBEDDED_CONFIG)
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if text is None:
+        return None
+    try:
+        return STTSConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise AdapterLoadError(f"The config stored in {weights_path} is not valid: {exc}") from exc
 
 
 def _check_fits(config: STTSConfig, architecture: str, model_class: str, spec: Any, source: Any) -> None:

@@ -6,6 +6,7 @@ next to the adapter are ignored and the unpickling entry points are booby-trappe
 """
 
 import ast
+import hashlib
 import json
 import os
 import pickle
@@ -118,7 +119,10 @@ def test_safetensors_holds_only_the_scorer_under_logical_names(saved_adapter):
     for key, tensor in scorer_state.items():
         assert torch.equal(tensors["scorer." + key], tensor)
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        metadata = f.metadata()
+    assert set(metadata) == {"format", "stts_config"} and metadata["format"] == "pt"
+    saved_config = json.loads((directory / "stts_config.json").read_text())
+    assert json.loads(metadata["stts_config"]) == {**saved_config, "weights_sha256": None}  # the weights' own config
     # Only the scorer: a few hundred KB at most for the tiny model, and nothing but a small header beyond the payload.
     payload = sum(t.numel() * t.element_size() for t in scorer_state.values())
     size = path.stat().st_size
@@ -208,9 +212,12 @@ def test_round_trip_of_a_trained_scorer_reproduces_logits_and_kept_sets(load, tm
     assert out.stts.units_after == reference.stts.units_after
     for scores, expected in zip(out.stts.scores, reference.stts.scores):
         assert torch.equal(scores, expected)
-    # The loaded config is the saved one (plus the version that saved it).
-    saved = {k: v for k, v in loaded.stts_config.to_dict().items() if k != "stts_adapter_version"}
-    assert saved == {k: v for k, v in stts.stts_config.to_dict().items() if k != "stts_adapter_version"}
+    # The loaded config is the saved one (plus the version that saved it and the hash of its weights).
+    written_at_save = ("stts_adapter_version", "weights_sha256")
+    saved = {k: v for k, v in loaded.stts_config.to_dict().items() if k not in written_at_save}
+    assert saved == {k: v for k, v in stts.stts_config.to_dict().items() if k not in written_at_save}
+    weights = (tmp_path / "adapter" / WEIGHTS_FILE).read_bytes()
+    assert loaded.stts_config.weights_sha256 == hashlib.sha256(weights).hexdigest()
     assert loaded.stts_config.stts_adapter_version == stts_adapter.__version__
 
 

@@ -139,6 +139,7 @@ NON_DEFAULT = dict(
     num_vision_blocks=5,
     patches_per_unit=4,
     stts_adapter_version="0.1.0",
+    weights_sha256="0" * 64,
 )
 
 

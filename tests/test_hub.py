@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, RepoUrl
 from safetensors.torch import load_file
 from test_qwen_vl import two_video_batch
 
+import stts_adapter.files
 import stts_adapter.io
 from stts_adapter import AdapterLoadError, STTSConfig, STTSModel, apply_stts
 
@@ -88,13 +89,13 @@ def assert_same_scorer(loaded, expected):
 def downloads(monkeypatch):
     """Every path hf_hub_download returned to stts_adapter."""
     paths = []
-    real = stts_adapter.io.hf_hub_download
+    real = stts_adapter.files.hf_hub_download
 
     def spy(*args, **kwargs):
         paths.append(real(*args, **kwargs))
         return paths[-1]
 
-    monkeypatch.setattr(stts_adapter.io, "hf_hub_download", spy)
+    monkeypatch.setattr(stts_adapter.files, "hf_hub_download", spy)
     return paths
 
 

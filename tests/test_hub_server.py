@@ -92,16 +92,16 @@ def published(olah, saved_models, tmp_path_factory):
 @pytest.fixture
 def downloads(monkeypatch):
     """Every path hf_hub_download returned to stts_adapter."""
-    import stts_adapter.io
+    import stts_adapter.files
 
     paths = []
-    real = stts_adapter.io.hf_hub_download
+    real = stts_adapter.files.hf_hub_download
 
     def spy(*args, **kwargs):
         paths.append(real(*args, **kwargs))
         return paths[-1]
 
-    monkeypatch.setattr(stts_adapter.io, "hf_hub_download", spy)
+    monkeypatch.setattr(stts_adapter.files, "hf_hub_download", spy)
     return paths
 
 
