@@ -15,6 +15,11 @@ from .files import resolve_adapter_file
 from .losses import AUX_LOSSES
 
 WEIGHTS_HASH = "weights_sha256"
+# Sizes beyond any real ViT's (the largest released ones have MLP widths of ~16k and 16-64 heads): refused at config
+# time, before a loader allocates a scorer for them.
+MAX_SCORER_HIDDEN_SIZE = 65536
+MAX_SCORER_HEADS = 1024
+MIN_BIAS_MIN = 1e-6  # a key bias of at least log(1e-6) = -13.8: finite outputs and gradients in float16 too
 CONFIG_NAME = "stts_config.json"
 METHODS = ("scorer", "random", "similarity")
 # What an adapter saved before an option existed did; a saved config without the key gets this, not the new default.
@@ -192,10 +197,10 @@ class STTSConfig:
             "a number >= 0",
         )
         _check(
-            _is_number(self.bias_min) and 0 < self.bias_min <= 1,
+            _is_number(self.bias_min) and MIN_BIAS_MIN <= self.bias_min <= 1,
             "bias_min",
             self.bias_min,
-            "a number with 0 < bias_min <= 1",
+            f"a number with {MIN_BIAS_MIN:g} <= bias_min <= 1 (log(bias_min) is the lowest key bias)",
         )
         for name in (
             "keep_first_frame",
@@ -206,10 +211,12 @@ class STTSConfig:
             "scorer_input_norm",
         ):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
-        for name in ("scorer_hidden_size", "scorer_num_heads"):
+        for name, cap in (("scorer_hidden_size", MAX_SCORER_HIDDEN_SIZE), ("scorer_num_heads", MAX_SCORER_HEADS)):
             value = getattr(self, name)
-            _check(value is None or (_is_int(value) and value > 0), name, value, "None or an integer > 0")
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+            _check(
+                value is None or (_is_int(value) and 0 < value <= cap), name, value, f"None or an integer in 1..{cap}"
+            )
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer with 0 <= seed < 2**63")
 
     # ----------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -279,7 +286,7 @@ class STTSConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise AdapterLoadError(
                 f"{path} is not a valid STTS config (not valid JSON: {exc}). Re-save the adapter with "
                 "STTSModel.save_pretrained or fix the file."

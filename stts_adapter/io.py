@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -118,10 +119,12 @@ def load_adapter(
     spec = entry.vision_spec(transformers_model)
     _check_fits(config, entry.name, type(transformers_model).__name__, spec, path_or_repo_id)
 
-    expected = build_scorer(config, spec)
+    with torch.device("meta"):  # shapes only: nothing is allocated for a config that asks for a huge scorer
+        expected = build_scorer(config, spec)
     expected_shapes = {} if expected is None else {SCORER_PREFIX + k: v.shape for k, v in expected.state_dict().items()}
+    _check_tensors(_read_header(weights_path), expected_shapes, weights_path)  # before reading any tensor data
     tensors = _read_safetensors(weights_path)
-    _check_tensors(tensors, expected_shapes, weights_path)
+    _check_values(tensors, weights_path)
 
     stts_model = model_class(model, config)
     if config.base_model_name_or_path:  # keep the id the adapter was trained on, not a local path it was loaded from
@@ -179,13 +182,16 @@ def model_card(config: STTSConfig) -> str:
 
     from . import __version__
 
+    # Every string from the config is either checked against a strict pattern or written as an escaped literal, so
+    # that no value (newlines, quotes, `---`, backticks) can leave the YAML front matter or the code snippet.
     base = config.base_model_name_or_path
-    on_hub = base is not None and not os.path.isabs(base) and base.count("/") == 1 and not os.path.isdir(base)
+    on_hub = base is not None and HUB_REPO_ID.fullmatch(base) is not None and not os.path.isdir(base)
+    model_class = config.base_model_class if IDENTIFIER.fullmatch(config.base_model_class or "") else None
     front_matter = ["---", "library_name: stts-adapter"]
     if on_hub:
-        front_matter.append(f"base_model: {base}")
-    front_matter += ["tags:", "- stts", "- token-pruning", "- video", f"- {config.architecture}", "---"]
-    base_name = base or "<base model id or path>"
+        front_matter.append(f"base_model: {_literal(base)}")
+    front_matter += ["tags:", "- stts", "- token-pruning", "- video", f"- {_literal(config.architecture)}", "---"]
+    base_name = _literal(base or "<base model id or path>")
     rows = "\n".join(
         f"| `{name}` | `{getattr(config, name)!r}` |"
         for name in ("method", "prune_ratio", "prune_layer", "aux_loss_weight", "keep_first_frame", "bias_min")
@@ -194,9 +200,9 @@ def model_card(config: STTSConfig) -> str:
         "\n".join(front_matter)
         + f"""
 
-# STTS adapter for {base or config.base_model_class}
+# STTS adapter for {base if on_hub else model_class or "a vision-language model"}
 
-A Spatio-Temporal Token Scoring (STTS) scorer for `{config.base_model_class}` ({config.architecture}). It scores
+A Spatio-Temporal Token Scoring (STTS) scorer for `{model_class}` ({_literal(config.architecture)}). It scores
 every video unit after ViT block {config.prune_layer} and drops the lowest-scoring {config.prune_ratio:.0%} of each
 video's units from the rest of the ViT and from the LLM. Only the scorer's weights are stored here; load them on top
 of the base model.
@@ -204,13 +210,12 @@ of the base model.
 ## How to load
 
 ```python
-from transformers import {config.base_model_class}
-from stts_adapter import STTSModel
-
-base = {config.base_model_class}.from_pretrained("{base_name}")
+{_load_snippet(config, model_class, base_name)}
 model = STTSModel.from_pretrained(base, "<this repo id or folder>")
 model.set_prune_ratio({config.prune_ratio})  # optional: a runtime knob
 ```
+
+Or in one call, with the base model this adapter records: `AutoSTTSModel.from_pretrained("<this repo id or folder>")`.
 
 ## Configuration
 
@@ -226,6 +231,28 @@ model.set_prune_ratio({config.prune_ratio})  # optional: a runtime knob
 - Python {platform.python_version()}
 """
     )
+
+
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+
+
+def _literal(value: str | None) -> str:
+    """`value` as a double-quoted string that means the same in YAML and in Python and holds no newline, quote or
+    backtick that could end the front matter, the code block or the literal."""
+    return json.dumps(value, ensure_ascii=True).replace("`", "\\u0060")
+
+
+def _load_snippet(config: STTSConfig, model_class: str | None, base_name: str) -> str:
+    """The lines that load the base model, as its family does (timm: `timm.create_model`)."""
+    if config.architecture == "timm_vit":
+        name = config.base_model_name_or_path or "<timm model name>"
+        name = name[len("timm/") :] if name.startswith("timm/") else name
+        imports, load = "import timm", f"timm.create_model({_literal(name)}, pretrained=True)"
+    else:
+        loader = model_class or "AutoModelForImageTextToText"
+        imports, load = f"from transformers import {loader}", f"{loader}.from_pretrained({base_name})"
+    return f"{imports}\nfrom stts_adapter import STTSModel\n\nbase = {load}"
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -285,6 +312,24 @@ def _check_fits(config: STTSConfig, architecture: str, model_class: str, spec: A
         )
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes a scorer's weights may have
+
+
+def _read_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{name: (shape, safetensors dtype)}` from the file's header, without reading tensor data."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {
+                key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                for key in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+            }
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted. Download or "
+            "save the adapter again."
+        ) from exc
+
+
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as f:
@@ -296,13 +341,29 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], path: str) -> None:
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
+def _check_tensors(header: dict[str, tuple[tuple[int, ...], str]], expected: dict[str, torch.Size], path: str) -> None:
+    """The file holds exactly the scorer its config describes: the same names and shapes, float dtypes."""
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(header) if header[k][0] != tuple(expected[k]))
     if missing or unexpected or wrong:
         details = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else ""]
-        details += [f"{k}: file {tuple(tensors[k].shape)} vs expected {tuple(expected[k])}" for k in wrong]
+        details += [f"{k}: file {header[k][0]} vs expected {tuple(expected[k])}" for k in wrong]
         raise AdapterLoadError(
             f"{path} does not match the scorer its config describes ({'; '.join(d for d in details if d)}). The "
             "weights and stts_config.json come from different adapters, or the file was edited."
+        )
+    not_float = sorted(f"{k} ({dtype})" for k, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES)
+    if not_float:
+        raise AdapterLoadError(
+            f"{path} holds non-float tensors where the scorer's float weights belong: {not_float}. It was not written "
+            "by save_pretrained; save the adapter again."
+        )
+
+
+def _check_values(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Refuse NaN and infinite weights: they would make every score NaN."""
+    bad = sorted(k for k, tensor in tensors.items() if not bool(torch.isfinite(tensor).all()))
+    if bad:
+        raise AdapterLoadError(
+            f"{path} holds NaN or infinite values in {bad}; the adapter is broken. Train or save it again."
         )

@@ -24,6 +24,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import stts_adapter
 from stts_adapter import AdapterLoadError, STTSConfig, STTSModel, apply_stts
+from stts_adapter.io import model_card
 from stts_adapter.testing import tiny_qwen2_5_vl_config
 
 PRUNE_LAYER = 1
@@ -471,3 +472,86 @@ def test_pickles_in_the_adapter_folder_are_never_loaded(saved_adapter, load, tmp
     batch = two_video_batch(loaded.base_model)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, stts(**batch).logits)
+
+
+# --------------------------------------------------------------------------------------------- hostile adapters
+@pytest.mark.parametrize("poison", ["nan", "inf", "int", "bool", "complex"])
+def test_non_finite_or_non_float_weights_are_refused_not_cast(saved_adapter, load, poison):
+    directory, _ = saved_adapter
+    tensors = _scorer_tensors(directory)
+    name = "scorer.mlp.2.weight"
+    if poison in ("nan", "inf"):
+        tensors[name] = tensors[name].clone()
+        tensors[name][0, 0] = float(poison)
+    else:
+        dtype = {"int": torch.int32, "bool": torch.bool, "complex": torch.complex64}[poison]
+        tensors[name] = torch.zeros(tensors[name].shape, dtype=dtype)
+    rewrite_weights(directory, tensors)
+    match = "NaN or infinite" if poison in ("nan", "inf") else "non-float"
+    refuse(load(), directory, match)
+
+
+def test_a_config_asking_for_a_huge_scorer_is_refused_before_anything_is_allocated(saved_adapter, load):
+    """The shapes come from the weights file's header and a scorer built on the meta device: a 1 KB config asking for
+    an 8192-wide scorer is refused at once (it allocated 1.1 GB for 7.7 s before); beyond any real ViT, at config
+    time."""
+    directory, _ = saved_adapter
+    config = json.loads((directory / "stts_config.json").read_text())
+    (directory / "stts_config.json").write_text(json.dumps({**config, "scorer_hidden_size": 8192}))
+    start = time.perf_counter()
+    refuse(load(), directory, r"scorer\.mlp\.0\.weight: file \(128, 128\) vs expected \(8192, 128\)")
+    assert time.perf_counter() - start < 5
+    (directory / "stts_config.json").write_text(json.dumps({**config, "scorer_hidden_size": 10**9}))
+    refuse(load(), directory, "scorer_hidden_size")
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 50_000 + "1" + "}" * 50_000])
+def test_a_deeply_nested_config_is_an_adapter_load_error(saved_adapter, load, content):
+    directory, _ = saved_adapter
+    (directory / "stts_config.json").write_text(content)
+    refuse(load(), directory, "not a valid STTS config")
+
+
+HOSTILE_NAMES = [
+    "org/name",
+    'org/na"me',
+    "org/name\n---\nlicense: evil",
+    "org/name```\nimport os; os.system('x')\n```",
+    "---",
+    "/abs/path/with\nnewline",
+    "C:\\models\\qwen",
+    "日本/モデル",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_the_model_card_cannot_be_injected_through_the_base_model_name(name):
+    yaml = pytest.importorskip("yaml")
+    config = STTSConfig(
+        architecture="qwen2_5_vl", base_model_class="Qwen2_5_VLForConditionalGeneration", base_model_name_or_path=name
+    )
+    card = model_card(config)
+    assert card.startswith("---\n") and card.count("\n---\n") == 1  # one front matter block, closed once
+    front, body = card[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert set(meta) <= {"library_name", "base_model", "tags"}
+    assert meta["library_name"] == "stts-adapter" and meta["tags"][-1] == "qwen2_5_vl"
+    assert meta.get("base_model") == (name if name == "org/name" else None)  # only a valid Hub id goes there
+    assert body.count("```") == 2  # the one code block, opened and closed
+    (snippet,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    calls = [node for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Call)]
+    loads = [
+        c for c in calls if getattr(c.func, "attr", "") == "from_pretrained" and isinstance(c.func.value, ast.Name)
+    ]
+    assert loads[0].args[0].value == name  # the exact name, as a string literal
+
+
+def test_a_timm_adapters_card_loads_its_base_with_timm():
+    config = STTSConfig(
+        architecture="timm_vit",
+        base_model_class="VisionTransformer",
+        base_model_name_or_path="timm/vit_base_patch16_224.augreg_in21k",
+    )
+    (snippet,) = re.findall(r"```python\n(.*?)```", model_card(config), flags=re.S)
+    assert 'timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True)' in snippet
+    assert "transformers" not in snippet

@@ -293,3 +293,20 @@ def test_the_trainer_runs_scorer_only_training_on_text_batches_between_video_bat
     assert logs[0]["stts_scorer_grad_norm"] > 0
     assert "stts_kept_fraction" not in logs[1] and logs[1]["stts_scorer_grad_norm"] == 0.0  # a text-only step
     assert any(not torch.equal(before[k], v) for k, v in stts.scorer.state_dict().items())
+
+
+def test_the_extreme_accepted_config_values_give_finite_outputs_and_gradients(load):
+    """The smallest bias_min and the largest seed that validation accepts (below them it refuses)."""
+    model = load()
+    config = STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER, bias_min=1e-6, seed=2**63 - 1)
+    torch.manual_seed(SCORER_SEED)
+    stts = apply_stts(model, config).train()
+    with torch.no_grad():
+        stts.scorer.mlp[-1].weight.mul_(1e3)  # spread the scores: the bias reaches log(bias_min)
+    out = stts(**build_qwen_batch(model.config, video_samples()))
+    out.loss.backward()
+    assert bool(out.logits.isfinite().all()) and bool(out.loss.isfinite())
+    assert all(bool(p.grad.isfinite().all()) for p in stts.scorer.parameters())
+    stts.unload()
+    random = apply_stts(model, STTSConfig(method="random", prune_layer=PRUNE_LAYER, seed=2**63 - 1)).eval()
+    assert random(**build_qwen_batch(model.config, video_samples(answers=False))).stts.units_after == [8, 8]
