@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import __version__
 from .config import CONFIG_NAME, STTSConfig
 from .errors import AdapterLoadError, STTSConfigError, STTSInputError, UnsupportedModelError
 
@@ -845,6 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect STTS adapters, benchmark STTS on a model, and show which video units it keeps.",
         epilog="Models and adapters are local folders or Hub repo ids (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser(
@@ -914,7 +916,41 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--columns", type=_positive, help="frames per row of the picture (default up to 8)")
     visualize.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
     visualize.set_defaults(run=run_visualize, method="scorer")
+
+    convert = commands.add_parser(
+        "convert-molmo2",
+        help="import the STTS scorer of an official Molmo2 checkpoint as an adapter",
+        description="Read the scorer (vision_backbone.image_vit.transformer.temporal_token_scorer) of an official "
+        "Molmo2 checkpoint and write it as an STTS adapter folder for Molmo2ForConditionalGeneration.",
+    )
+    convert.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors file or a folder of them")
+    convert.add_argument("out", metavar="OUT", help="adapter folder to write")
+    convert.add_argument("--prune-layer", type=int, default=3, help="ViT block the scorer reads (default 3)")
+    convert.add_argument("--prune-ratio", type=_ratio, default=0.5, help="default prune ratio (default 0.5)")
+    convert.add_argument("--num-heads", type=_positive, help="pooler query heads (grouped-query attention only)")
+    convert.add_argument("--num-vision-blocks", type=_positive, help="ViT depth, if the checkpoint holds no block")
+    convert.add_argument("--base-model", help="Hub id of the HF Molmo2 model to record, e.g. allenai/Molmo2-4B")
+    convert.set_defaults(run=run_convert_molmo2)
     return parser
+
+
+def run_convert_molmo2(args: argparse.Namespace) -> int:
+    from .convert import convert_molmo2_checkpoint
+
+    config = convert_molmo2_checkpoint(
+        args.checkpoint,
+        args.out,
+        prune_layer=args.prune_layer,
+        prune_ratio=args.prune_ratio,
+        num_heads=args.num_heads,
+        num_vision_blocks=args.num_vision_blocks,
+        base_model_name_or_path=args.base_model,
+    )
+    print(
+        f"wrote {args.out}: a {config.vision_hidden_size}-wide scorer (MLP {config.scorer_hidden_size}) for a "
+        f"{config.num_vision_blocks}-block Molmo2 ViT, reading block {config.prune_layer}"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -169,3 +169,45 @@ def _safetensors_files(path: str) -> list[str]:
     if os.path.isdir(path):
         return sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".safetensors"))
     return []
+
+
+def convert_molmo2_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    prune_layer: int = 3,
+    prune_ratio: float = 0.5,
+    num_heads: int | None = None,
+    num_vision_blocks: int | None = None,
+    base_model_name_or_path: str | None = None,
+) -> STTSConfig:
+    """Write the STTS scorer of an official Molmo2 checkpoint as an adapter folder (`STTSModel.from_pretrained`
+    loads it onto `Molmo2ForConditionalGeneration`).
+
+    Args:
+        checkpoint: the official checkpoint: a `.safetensors` file or a folder of them.
+        output_dir: the adapter folder to write.
+        prune_layer (`int`): the ViT block the scorer reads (the paper's 3; check the checkpoint's training config).
+        prune_ratio (`float`): the default ratio (a runtime knob).
+        num_heads (`int`, *optional*): the pooler's query heads; needed for grouped-query attention only.
+        num_vision_blocks (`int`, *optional*): the ViT's depth, when the checkpoint holds the scorer alone.
+        base_model_name_or_path (`str`, *optional*): the HF Molmo2 model to record (e.g. "allenai/Molmo2-4B").
+
+    Returns:
+        `STTSConfig`: the written config.
+
+    Raises:
+        AdapterLoadError: if the checkpoint holds no (complete) scorer, or its ViT depth is unknown.
+    """
+    from .io import SCORER_PREFIX, write_adapter
+
+    official, blocks = read_molmo2_checkpoint(checkpoint)
+    state = molmo2_scorer_state_dict(official, num_heads)
+    depth = num_vision_blocks or blocks
+    if depth is None:
+        raise AdapterLoadError(
+            f"{os.fspath(checkpoint)} holds the scorer but no ViT block: pass num_vision_blocks (the base model's "
+            "vision_config.num_hidden_layers)."
+        )
+    config = molmo2_adapter_config(state, depth, prune_layer, prune_ratio, base_model_name_or_path)
+    write_adapter(output_dir, config, {SCORER_PREFIX + name: tensor for name, tensor in state.items()})
+    return config

@@ -387,3 +387,13 @@ def test_python_dash_m_runs_the_command_line(adapter_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "prune_ratio      0.25" in result.stdout
     assert os.listdir(tmp_path) == ["adapter"]  # wrote nothing
+
+
+def test_version(capsys):
+    from stts_adapter import __version__
+    from stts_adapter.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stts-adapter {__version__}"

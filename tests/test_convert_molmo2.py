@@ -109,3 +109,29 @@ def test_the_checkpoint_reader_takes_the_scorer_and_counts_the_vit_blocks(tmp_pa
     save_file({"transformer.wte.embedding": torch.zeros(3, 2)}, tmp_path / "other.safetensors")
     with pytest.raises(AdapterLoadError, match="not a Molmo2 checkpoint trained with STTS"):
         read_molmo2_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_the_cli_writes_an_adapter_that_loads_onto_molmo2_and_prunes(tmp_path, capsys):
+    from stts_adapter import STTSModel
+    from stts_adapter.cli import main
+    from stts_adapter.testing import Sample
+    from stts_adapter.testing.molmo2 import MOLMO2
+
+    official = official_tensors()
+    tensors = {OFFICIAL_SCORER + name: tensor for name, tensor in official.items()}
+    tensors |= {f"vision_backbone.image_vit.transformer.resblocks.{i}.mlp.w1.weight": torch.zeros(1) for i in range(6)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    out = tmp_path / "adapter"
+    assert main(["convert-molmo2", str(tmp_path / "model.safetensors"), str(out), "--prune-layer", "1"]) == 0
+    assert "64-wide scorer" in capsys.readouterr().out
+
+    torch.manual_seed(0)
+    config = MOLMO2.make_config()
+    model = MOLMO2.model_class(config).eval()
+    stts = STTSModel.from_pretrained(model, str(out))
+    expected = molmo2_scorer_state_dict(official)
+    assert all(torch.equal(stts.scorer.state_dict()[k], v) for k, v in expected.items())
+    assert stts.stts_config.scorer_input_norm is False
+    batch = MOLMO2.build_batch(config, [Sample(video=MOLMO2.video(0)), Sample(video=MOLMO2.video(1))], "left")
+    report = stts(**batch).stts
+    assert report.units_after == [u - u // 2 for u in report.units_before]
