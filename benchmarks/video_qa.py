@@ -50,7 +50,6 @@ from safetensors.torch import load_model, save_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from stts_adapter import STTSConfig, apply_stts
-from stts_adapter.cli import kept_pixels, render_kept_units
 from stts_adapter.testing import (
     BOS,
     Sample,
@@ -60,6 +59,7 @@ from stts_adapter.testing import (
     tiny_text_config,
 )
 from stts_adapter.training import scorer_grad_norm, stts_parameter_groups
+from stts_adapter.visualization import kept_pixels, render_kept_units
 
 # ----------------------------------------------------------------------------------------------- the task
 QUESTION_TYPES = ("colour", "direction", "count", "corner")
@@ -982,7 +982,7 @@ def plot(summary: list[dict[str, Any]], path: str) -> None:
 
 
 def draw_kept_units(model: torch.nn.Module, clips: Sequence[Clip], row: Row, path: str) -> None:
-    """Frames of test clips with the units `model` pruned dimmed (stts_adapter.cli's renderer), stacked."""
+    """Frames of test clips with the units `model` pruned dimmed (stts_adapter.visualization), stacked."""
     from PIL import Image
 
     model.eval()

@@ -1,0 +1,107 @@
+"""`stts-adapter visualize`: a video's frames with the units STTS keeps highlighted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..visualization import kept_pixels, pillow, render_kept_units
+from .common import MAX_DEFAULT_SIDE, CLIError
+from .video import (
+    VideoFamily,
+    build_video_batch,
+    load_base_model,
+    load_video,
+    prepare_video,
+    processor_normalization,
+    unit_side,
+    video_family,
+    wrap_model,
+)
+
+
+def unit_grid(family: VideoFamily, config: Any, height: int, width: int, units_per_frame: int) -> tuple[int, int]:
+    """(rows, columns) of units over a `height` x `width` frame, row-major as the placeholders are ordered."""
+    if family.frames == "grid":
+        side = unit_side(config)
+        rows, columns = height // side, width // side
+    else:
+        rows = columns = math.isqrt(units_per_frame)
+    if rows * columns != units_per_frame:
+        raise CLIError(
+            f"Cannot lay {units_per_frame} units per frame out on a grid over {height}x{width} frames "
+            f"({rows}x{columns})."
+        )
+    return rows, columns
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    if not args.adapter and args.method == "scorer":
+        raise CLIError(
+            "Without --adapter there is no trained scorer to show (a fresh one prunes arbitrarily): pass "
+            "--adapter PATH_OR_REPO_ID, or --method similarity / random for a training-free baseline."
+        )
+    pillow()  # fail before the slow steps if Pillow is missing
+    steps = ["load model", "read video", "prune", "draw"]
+    with tqdm(total=len(steps), desc=steps[0], unit="step", disable=args.no_progress or None) as bar:
+        model = load_base_model(args.model, args.revision, args.dtype, args.device)
+        name, family = video_family(model)
+        stts = wrap_model(model, args, prune_ratio=args.prune_ratio)
+        bar.update()
+        bar.set_description(steps[1])
+        normalization = processor_normalization(args.model, args.revision)
+        video = load_video(args.video, args.frames, args.size or 224)
+        size = args.size if args.size or max(video.shape[-2:]) <= MAX_DEFAULT_SIDE else MAX_DEFAULT_SIDE
+        frames, pixels = prepare_video(video, family, model.config, size, normalization)
+        batch = build_video_batch(model, family, pixels)
+        bar.update()
+        bar.set_description(steps[2])
+        with torch.no_grad():
+            report = stts(**batch).stts
+        bar.update()
+        bar.set_description(steps[3])
+        keep_mask = report.keep_masks[0].cpu()
+        count, _, height, width = frames.shape
+        grid = unit_grid(family, model.config, height, width, keep_mask.shape[1])
+        keep = kept_pixels(keep_mask, grid, count, height, width)
+        slot_of_frame = (torch.arange(count) * keep_mask.shape[0] // count).tolist()
+        per_slot = keep_mask.sum(1).tolist()
+        captions = [f"#{index} kept {per_slot[slot]}/{keep_mask.shape[1]}" for index, slot in enumerate(slot_of_frame)]
+        sheet, _ = render_kept_units(frames, keep, captions, columns=args.columns)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        sheet.save(args.out)
+        bar.update()
+    kept, total = report.units_after[0], report.units_before[0]
+    c = stts.stts_config
+    print(
+        f"{c.base_model_class} ({name}), {c.method} at prune_ratio {c.prune_ratio}, prune_layer {c.prune_layer}: "
+        f"kept {kept} of {total} units ({kept / total:.0%}) of a {count}-frame {height}x{width} video."
+    )
+    slots = keep_mask.shape[0]
+    frames_per_slot = "frame" if slots == count else f"temporal slot ({math.ceil(count / slots)} frames)"
+    print(f"Kept units per {frames_per_slot}: {per_slot} of {keep_mask.shape[1]}.")
+    print(f"Wrote {args.out}: kept units as they are, pruned units dimmed.")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "family": name,
+                    "video": args.video,
+                    "frames": count,
+                    "frame_size": [height, width],
+                    "unit_grid": list(grid),
+                    "slot_of_frame": slot_of_frame,
+                    "keep_masks": keep_mask.reshape(slots, *grid).int().tolist(),
+                    "units_before": total,
+                    "units_after": kept,
+                },
+                f,
+            )
+    return 0
