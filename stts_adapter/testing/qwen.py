@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,16 +97,30 @@ def qwen_patchify(video: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tens
     return patches.reshape(t * h * w, channels * temporal * patch * patch), torch.tensor([t, h, w])
 
 
-def build_qwen_batch(config, samples: list[Sample], padding_side: str = "left") -> dict[str, torch.Tensor]:
-    """Tokenise samples the way the Qwen2-VL / Qwen2.5-VL processor does.
+def qwen_video_placeholders(config, grid: torch.Tensor) -> list[int]:
+    """Qwen2-VL / Qwen2.5-VL: a video is `<vision_start> <video_pad> x units <vision_end>`."""
+    units = int(grid.prod() // config.vision_config.spatial_merge_size**2)
+    return [config.vision_start_token_id] + [config.video_token_id] * units + [config.vision_end_token_id]
 
-    Each video becomes `<vision_start> <video_pad> x units <vision_end>`, `mm_token_type_ids` marks the pads,
-    `second_per_grid_ts` is given, and with answers the labels are -100 everywhere but on the answer.
+
+def build_qwen_batch(
+    config,
+    samples: list[Sample],
+    padding_side: str = "left",
+    video_placeholders: Callable[[Any, torch.Tensor], list[int]] = qwen_video_placeholders,
+    second_per_grid_ts: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Tokenise samples the way the Qwen-VL processors do.
+
+    An image becomes `<vision_start> <image_pad> x units <vision_end>`, a video what `video_placeholders` writes for
+    its grid; `mm_token_type_ids` marks the pads, and with answers the labels are -100 everywhere but on the answer.
 
     Args:
         config: the model config.
         samples (`list[Sample]`): the batch.
         padding_side (`str`): "left" or "right".
+        video_placeholders (`Callable[[config, grid], list[int]]`): a video's ids (Qwen3-VL: per temporal slot).
+        second_per_grid_ts (`bool`): add `second_per_grid_ts` (Qwen2.5-VL's processor does, Qwen3-VL's does not).
 
     Returns:
         `dict`: the model's keyword arguments.
@@ -126,7 +141,7 @@ def build_qwen_batch(config, samples: list[Sample], padding_side: str = "left") 
             pixels, grid = qwen_patchify(sample.video, config)
             videos.append(pixels)
             grids.append(grid)
-            ids += [start] + [video_token] * int(grid.prod() // merge**2) + [end]
+            ids += video_placeholders(config, grid)
         return ids
 
     batch = tokenize(samples, placeholders, padding_side, pad_token_id(config))
@@ -135,7 +150,8 @@ def build_qwen_batch(config, samples: list[Sample], padding_side: str = "left") 
     if videos:
         batch["pixel_values_videos"] = torch.cat(videos)
         batch["video_grid_thw"] = torch.stack(grids)
-        batch["second_per_grid_ts"] = torch.ones(len(videos))
+        if second_per_grid_ts:
+            batch["second_per_grid_ts"] = torch.ones(len(videos))
     if images:
         batch["pixel_values"] = torch.cat(images)
         batch["image_grid_thw"] = torch.stack(image_grids)

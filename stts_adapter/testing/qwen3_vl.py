@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 
-from ..sequence import pad_token_id
-from .common import FamilyCase, Sample, special_tokens, tiny_text_config, tokenize
-from .qwen import qwen_patchify, qwen_video_units
+from .common import FamilyCase, Sample, special_tokens, tiny_text_config
+from .qwen import build_qwen_batch, qwen_video_units
 
 SECONDS_TOKEN = 300
 """Stands for the text of `<t seconds>` before every temporal slot (the time itself is token 301 + slot)."""
@@ -47,52 +46,23 @@ def timestamp_tokens(slot: int) -> list[int]:
     return [SECONDS_TOKEN, SECONDS_TOKEN + 1 + slot]
 
 
-def build_qwen3_vl_batch(config, samples: list[Sample], padding_side: str = "left") -> dict[str, torch.Tensor]:
-    """Tokenise samples the way the Qwen3-VL processor does.
-
-    An image becomes `<vision_start> <image_pad> x units <vision_end>`; a video becomes, for every temporal slot,
-    `<t seconds> <vision_start> <video_pad> x units_per_slot <vision_end>`. `mm_token_type_ids` marks the pads; with
-    answers the labels are -100 everywhere but on the answer.
-
-    Args:
-        config: the model config.
-        samples (`list[Sample]`): the batch.
-        padding_side (`str`): "left" or "right".
-
-    Returns:
-        `dict`: the model's keyword arguments.
-    """
-    merge = config.vision_config.spatial_merge_size
-    image_token, video_token = config.image_token_id, config.video_token_id
+def qwen3_vl_video_placeholders(config, grid: torch.Tensor) -> list[int]:
+    """Qwen3-VL: per temporal slot, `<t seconds> <vision_start> <video_pad> x units_per_slot <vision_end>`."""
+    per_slot = int(grid[1:].prod() // config.vision_config.spatial_merge_size**2)
     start, end = config.vision_start_token_id, config.vision_end_token_id
-    videos, grids, images, image_grids = [], [], [], []
+    return [
+        token
+        for slot in range(int(grid[0]))
+        for token in (*timestamp_tokens(slot), start, *[config.video_token_id] * per_slot, end)
+    ]
 
-    def placeholders(sample: Sample) -> list[int]:
-        ids = []
-        if sample.image is not None:
-            pixels, grid = qwen_patchify(sample.image[None], config)
-            images.append(pixels)
-            image_grids.append(grid)
-            ids += [start] + [image_token] * int(grid.prod() // merge**2) + [end]
-        if sample.video is not None:
-            pixels, grid = qwen_patchify(sample.video, config)
-            videos.append(pixels)
-            grids.append(grid)
-            per_slot = int(grid[1:].prod() // merge**2)
-            for slot in range(int(grid[0])):
-                ids += timestamp_tokens(slot) + [start] + [video_token] * per_slot + [end]
-        return ids
 
-    batch = tokenize(samples, placeholders, padding_side, pad_token_id(config))
-    input_ids = batch["input_ids"]
-    batch["mm_token_type_ids"] = (input_ids == image_token).int() + 2 * (input_ids == video_token).int()
-    if videos:
-        batch["pixel_values_videos"] = torch.cat(videos)
-        batch["video_grid_thw"] = torch.stack(grids)
-    if images:
-        batch["pixel_values"] = torch.cat(images)
-        batch["image_grid_thw"] = torch.stack(image_grids)
-    return batch
+def build_qwen3_vl_batch(config, samples: list[Sample], padding_side: str = "left") -> dict[str, torch.Tensor]:
+    """Tokenise samples the way the Qwen3-VL processor does: `build_qwen_batch` with a video written per temporal
+    slot (`qwen3_vl_video_placeholders`) and no `second_per_grid_ts`."""
+    return build_qwen_batch(
+        config, samples, padding_side, video_placeholders=qwen3_vl_video_placeholders, second_per_grid_ts=False
+    )
 
 
 def _case() -> FamilyCase:
