@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..sequence import pad_token_id
+
 # Special token ids of the tiny configs: inside the vocabulary, above every "word" id.
 VOCAB_SIZE = 1000
 PAD, BOS, EOS = 0, 1, 2
@@ -136,6 +138,31 @@ def tokenize(samples: list[Sample], placeholders, padding_side: str, pad_id: int
     if any(s.answer is not None for s in samples):
         batch["labels"] = pad_rows(label_rows, -100, padding_side)
     return batch
+
+
+def tokenize_stacked_videos(
+    config: Any, samples: list[Sample], padding_side: str, image_tokens: int, video_tokens_per_frame: int
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Tokenise samples as the LLaVA-style processors write them: an image (first) as `image_tokens` image
+    placeholders, a video as `video_tokens_per_frame` video placeholders per frame; the videos stacked into
+    `pixel_values_videos` `(videos, frames, 3, size, size)` (so one frame count and size per batch).
+
+    Returns:
+        `(batch, images)`: the model's keyword arguments but the images', and the samples' images (the families lay
+        those out differently).
+    """
+
+    def placeholders(sample: Sample) -> list[int]:
+        ids = [] if sample.image is None else [config.image_token_id] * image_tokens
+        if sample.video is not None:
+            ids += [config.video_token_id] * (sample.video.shape[0] * video_tokens_per_frame)
+        return ids
+
+    batch = tokenize(samples, placeholders, padding_side, pad_token_id(config))
+    videos = [s.video for s in samples if s.video is not None]
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    return batch, [s.image for s in samples if s.image is not None]
 
 
 # ------------------------------------------------------------------------------------------------ conformance

@@ -8,8 +8,7 @@ import torch
 
 import stts_adapter.model_registry.llava_next_video  # noqa: F401
 
-from ..sequence import pad_token_id
-from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize
+from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
 from .video_llava import tiny_clip_vision_config
 
 if TYPE_CHECKING:
@@ -76,19 +75,13 @@ def build_llava_next_video_batch(
     Returns:
         `dict`: the model's keyword arguments.
     """
-    per_frame = llava_next_video_tokens_per_frame(config)
-
-    def placeholders(sample: Sample) -> list[int]:
-        ids = [] if sample.image is None else [config.image_token_id] * llava_next_video_image_tokens(config)
-        if sample.video is not None:
-            ids += [config.video_token_id] * (sample.video.shape[0] * per_frame)
-        return ids
-
-    batch = tokenize(samples, placeholders, padding_side, pad_token_id(config))
-    videos = [s.video for s in samples if s.video is not None]
-    images = [s.image for s in samples if s.image is not None]
-    if videos:
-        batch["pixel_values_videos"] = torch.stack(videos)
+    batch, images = tokenize_stacked_videos(
+        config,
+        samples,
+        padding_side,
+        llava_next_video_image_tokens(config),
+        llava_next_video_tokens_per_frame(config),
+    )
     if images:
         batch["pixel_values"] = torch.stack([torch.stack([image, image]) for image in images])
         batch["image_sizes"] = torch.tensor([list(image.shape[-2:]) for image in images])

@@ -9,8 +9,7 @@ import torch
 
 import stts_adapter.model_registry.video_llava  # noqa: F401
 
-from ..sequence import pad_token_id
-from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize
+from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
 
 if TYPE_CHECKING:
     from torch import nn
@@ -99,19 +98,9 @@ def build_video_llava_batch(
     Returns:
         `dict`: the model's keyword arguments.
     """
-    per_frame = video_llava_video_tokens_per_frame(config)
-
-    def placeholders(sample: Sample) -> list[int]:
-        ids = [] if sample.image is None else [config.image_token_id] * video_llava_image_tokens(config)
-        if sample.video is not None:
-            ids += [config.video_token_id] * (sample.video.shape[0] * per_frame)
-        return ids
-
-    batch = tokenize(samples, placeholders, padding_side, pad_token_id(config))
-    videos = [s.video for s in samples if s.video is not None]
-    images = [s.image for s in samples if s.image is not None]
-    if videos:
-        batch["pixel_values_videos"] = torch.stack(videos)
+    batch, images = tokenize_stacked_videos(
+        config, samples, padding_side, video_llava_image_tokens(config), video_llava_video_tokens_per_frame(config)
+    )
     if images:
         batch["pixel_values_images" if legacy_image_key else "pixel_values"] = torch.stack(images)
     return batch
