@@ -114,3 +114,34 @@ def tiny_internvl_processor(config: Any, max_patches: int = 4) -> Any:
         tokenizer=tokenizer,
         image_seq_length=internvl_tokens_per_tile(config),
     )
+
+
+def tiny_qwen_vl_processor(config: Any, processor_class: str = "Qwen2_5_VLProcessor") -> Any:
+    """A Qwen-VL processor (`Qwen2_5_VLProcessor` or `Qwen2VLProcessor`, with `Qwen2VLImageProcessor` and
+    `Qwen2VLVideoProcessor`) for the tiny Qwen configs: the config's patch, merge and temporal patch sizes, frames
+    resized between 56x56 and 448x448 pixels, every frame given kept (no frame sampling).
+
+    Needs torchvision (the video processor).
+    """
+    import transformers
+
+    vision = config.vision_config
+    sizes = dict(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
+    )
+    tokenizer = tiny_tokenizer(
+        {
+            "<|image_pad|>": config.image_token_id,
+            "<|video_pad|>": config.video_token_id,
+            "<|vision_start|>": config.vision_start_token_id,
+            "<|vision_end|>": config.vision_end_token_id,
+        }
+    )
+    return getattr(transformers, processor_class)(
+        image_processor=transformers.Qwen2VLImageProcessor(**sizes),
+        video_processor=transformers.Qwen2VLVideoProcessor(**sizes, do_sample_frames=False, cap_pixels_per_frame=True),
+        tokenizer=tokenizer,
+    )

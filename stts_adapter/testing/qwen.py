@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 
 from ..sequence import pad_token_id
 from .common import FamilyCase, Sample, special_tokens, tiny_text_config, tokenize
+from .processors import tiny_qwen_vl_processor
 
 
 def tiny_qwen2_5_vl_config(**vision_overrides: Any):
@@ -165,7 +167,7 @@ def qwen_video_units(config, frames: int, height: int, width: int) -> tuple[int,
     return -(-frames // vision.temporal_patch_size), (height // side) * (width // side)
 
 
-def _qwen_case(name: str, model_class_name: str, make_config) -> FamilyCase:
+def _qwen_case(name: str, model_class_name: str, make_config, processor_class: str) -> FamilyCase:
     import transformers
 
     return FamilyCase(
@@ -178,8 +180,13 @@ def _qwen_case(name: str, model_class_name: str, make_config) -> FamilyCase:
         vit_tokens_per_unit=4,
         one_frame=2,
         packs_rows=False,
+        make_processor=functools.partial(tiny_qwen_vl_processor, processor_class=processor_class),
+        video_prompt="<|vision_start|><|video_pad|><|vision_end|>",
+        processor_videos=((8, 112, 168), (4, 84, 112)),
     )
 
 
-QWEN2_5_VL = _qwen_case("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", tiny_qwen2_5_vl_config)
-QWEN2_VL = _qwen_case("qwen2_vl", "Qwen2VLForConditionalGeneration", tiny_qwen2_vl_config)
+QWEN2_5_VL = _qwen_case(
+    "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", tiny_qwen2_5_vl_config, "Qwen2_5_VLProcessor"
+)
+QWEN2_VL = _qwen_case("qwen2_vl", "Qwen2VLForConditionalGeneration", tiny_qwen2_vl_config, "Qwen2VLProcessor")
