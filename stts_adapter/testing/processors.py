@@ -116,10 +116,13 @@ def tiny_internvl_processor(config: Any, max_patches: int = 4) -> Any:
     )
 
 
-def tiny_qwen_vl_processor(config: Any, processor_class: str = "Qwen2_5_VLProcessor") -> Any:
-    """A Qwen-VL processor (`Qwen2_5_VLProcessor` or `Qwen2VLProcessor`, with `Qwen2VLImageProcessor` and
-    `Qwen2VLVideoProcessor`) for the tiny Qwen configs: the config's patch, merge and temporal patch sizes, frames
-    resized between 56x56 and 448x448 pixels, every frame given kept (no frame sampling).
+def tiny_qwen_vl_processor(
+    config: Any, processor_class: str = "Qwen2_5_VLProcessor", video_processor_class: str = "Qwen2VLVideoProcessor"
+) -> Any:
+    """A Qwen-VL processor (`Qwen2_5_VLProcessor`, `Qwen2VLProcessor` or `Qwen3VLProcessor`, with
+    `Qwen2VLImageProcessor` and the family's video processor) for the tiny Qwen configs: the config's patch, merge
+    and temporal patch sizes, frames resized between 56x56 and 448x448 pixels, every frame given kept (no frame
+    sampling).
 
     Needs torchvision (the video processor).
     """
@@ -142,6 +145,8 @@ def tiny_qwen_vl_processor(config: Any, processor_class: str = "Qwen2_5_VLProces
     )
     return getattr(transformers, processor_class)(
         image_processor=transformers.Qwen2VLImageProcessor(**sizes),
-        video_processor=transformers.Qwen2VLVideoProcessor(**sizes, do_sample_frames=False, cap_pixels_per_frame=True),
+        video_processor=getattr(transformers, video_processor_class)(
+            **sizes, do_sample_frames=False, cap_pixels_per_frame=True
+        ),
         tokenizer=tokenizer,
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from .common import FamilyCase, Sample, special_tokens, tiny_text_config
+from .processors import tiny_qwen_vl_processor
 from .qwen import build_qwen_batch, qwen_video_units
 
 SECONDS_TOKEN = 300
@@ -78,6 +80,11 @@ def _case() -> FamilyCase:
         vit_tokens_per_unit=4,
         one_frame=2,
         packs_rows=False,
+        make_processor=functools.partial(
+            tiny_qwen_vl_processor, processor_class="Qwen3VLProcessor", video_processor_class="Qwen3VLVideoProcessor"
+        ),
+        video_prompt="<|vision_start|><|video_pad|><|vision_end|>",
+        processor_videos=((8, 128, 192), (4, 96, 128)),
     )
 
 
