@@ -8,6 +8,7 @@ import torch
 
 from ..sequence import pad_token_id
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize
+from .processors import tiny_llava_onevision_processor
 
 
 def tiny_llava_onevision_config(image_size: int = 56, depth: int = 5, **vision_overrides):
@@ -77,6 +78,8 @@ def _case() -> FamilyCase:
         videos=((4, 56, 56), (4, 56, 56)),  # one (videos, frames, ...) tensor: same frames and size
         units=_units,
         vit_tokens_per_unit=4,
+        make_processor=tiny_llava_onevision_processor,
+        processor_videos=((4, 64, 80), (4, 90, 60)),  # resized to the image size; the processor stacks: one length
     )
 
 

@@ -150,3 +150,19 @@ def tiny_qwen_vl_processor(
         ),
         tokenizer=tokenizer,
     )
+
+
+def tiny_llava_onevision_processor(config: Any) -> Any:
+    """`LlavaOnevisionProcessor` (with `LlavaOnevisionImageProcessor` and `LlavaOnevisionVideoProcessor`) for
+    `tiny_llava_onevision_config`: frames resized to the vision image size, every frame given kept."""
+    import transformers
+
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=transformers.LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=[[side, side]]),
+        video_processor=transformers.LlavaOnevisionVideoProcessor(size=square, do_sample_frames=False),
+        tokenizer=tiny_tokenizer({"<image>": config.image_token_id, "<video>": config.video_token_id}),
+        num_image_tokens=(side // config.vision_config.patch_size) ** 2,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
