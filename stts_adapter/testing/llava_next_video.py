@@ -9,6 +9,7 @@ import torch
 import stts_adapter.model_registry.llava_next_video  # noqa: F401
 
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
+from .processors import tiny_llava_next_video_processor
 from .video_llava import tiny_clip_vision_config
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ def _case() -> FamilyCase:
         make_config=tiny_llava_next_video_config,
         build_batch=build_llava_next_video_batch,
         videos=((4, 56, 56), (4, 56, 56)),  # one (videos, frames, ...) tensor: same frames and size
+        make_processor=tiny_llava_next_video_processor,
+        processor_videos=((4, 64, 80), (4, 90, 60)),  # resized and cropped to the image size; one frame count
         units=llava_next_video_units,
         vit_tokens_per_unit=4,
     )

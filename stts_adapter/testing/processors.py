@@ -166,3 +166,44 @@ def tiny_llava_onevision_processor(config: Any) -> Any:
         num_image_tokens=(side // config.vision_config.patch_size) ** 2,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
     )
+
+
+def tiny_llava_next_video_processor(config: Any) -> Any:
+    """`LlavaNextVideoProcessor` (with `LlavaNextImageProcessor` and `LlavaNextVideoVideoProcessor`) for
+    `tiny_llava_next_video_config`: frames resized and center-cropped to the vision image size."""
+    import transformers
+
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    return transformers.LlavaNextVideoProcessor(
+        image_processor=transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": side}, crop_size=square, image_grid_pinpoints=[[side, side]]
+        ),
+        video_processor=transformers.LlavaNextVideoVideoProcessor(
+            size={"shortest_edge": side}, crop_size=square, do_sample_frames=False
+        ),
+        tokenizer=tiny_tokenizer({"<image>": config.image_token_id, "<video>": config.video_token_id}),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=0,
+    )
+
+
+def tiny_video_llava_processor(config: Any) -> Any:
+    """`VideoLlavaProcessor` (with `VideoLlavaImageProcessor` and `VideoLlavaVideoProcessor`) for
+    `tiny_video_llava_config`: frames resized and center-cropped to the vision image size, a CLS placeholder per
+    frame."""
+    import transformers
+
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    return transformers.VideoLlavaProcessor(
+        image_processor=transformers.VideoLlavaImageProcessor(size={"shortest_edge": side}, crop_size=square),
+        video_processor=transformers.VideoLlavaVideoProcessor(
+            size={"shortest_edge": side}, crop_size=square, do_sample_frames=False
+        ),
+        tokenizer=tiny_tokenizer({"<image>": config.image_token_id, "<video>": config.video_token_id}),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )

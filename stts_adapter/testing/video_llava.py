@@ -10,6 +10,7 @@ import torch
 import stts_adapter.model_registry.video_llava  # noqa: F401
 
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
+from .processors import tiny_video_llava_processor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,6 +122,8 @@ def _case() -> FamilyCase:
         make_config=tiny_video_llava_config,
         build_batch=build_video_llava_batch,
         videos=((4, 56, 56), (4, 56, 56)),  # one (videos, frames, ...) tensor: same frames and size
+        make_processor=tiny_video_llava_processor,
+        processor_videos=((4, 64, 80), (4, 90, 60)),  # resized and cropped to the image size; one frame count
         units=video_llava_video_units,
         vit_tokens_per_unit=1,
     )
