@@ -325,8 +325,7 @@ def test_unload_restores_the_model(case, model):
 # --------------------------------------------------------------------------------------------- real processors
 # Families whose real processor is not in the suite yet (issue 13, item 2). A family registered without a processor
 # case and not listed here fails `test_every_family_runs_on_its_real_processor_or_is_a_listed_gap`.
-PROCESSOR_GAPS = {"glm4v"}
-PROCESSOR_GAPS |= {"molmo2"}
+PROCESSOR_GAPS = {"molmo2"}
 PROCESSOR_CASES = [case for case in CASES if case.make_processor is not None]
 
 

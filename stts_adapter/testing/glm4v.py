@@ -32,6 +32,7 @@ from .common import (
     tiny_text_config,
     tokenize,
 )
+from .processors import tiny_glm4v_processor
 from .qwen import qwen_patchify
 
 # GLM-4.1V's extra markers, inside the tiny vocabulary next to common.py's special ids (990 <= id < 1000).
@@ -176,6 +177,9 @@ def _case() -> FamilyCase:
         vit_tokens_per_unit=4,
         one_frame=2,
         packs_rows=False,
+        make_processor=tiny_glm4v_processor,
+        video_prompt="<|begin_of_video|><|video|><|end_of_video|>",
+        processor_videos=((8, 112, 168), (4, 84, 112)),
     )
 
 

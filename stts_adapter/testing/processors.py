@@ -207,3 +207,34 @@ def tiny_video_llava_processor(config: Any) -> Any:
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
     )
+
+
+def tiny_glm4v_processor(config: Any) -> Any:
+    """`Glm4vProcessor` (with `Glm4vImageProcessor` and `Glm4vVideoProcessor`) for `tiny_glm4v_config`: the config's
+    patch, merge and temporal patch sizes, frames resized between 56x56 and 448x448 pixels, every frame kept."""
+    import transformers
+
+    from .glm4v import IMAGE_END, IMAGE_START, VIDEO_END, VIDEO_START
+
+    vision = config.vision_config
+    sizes = dict(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
+    )
+    tokenizer = tiny_tokenizer(
+        {
+            "<|image|>": config.image_token_id,
+            "<|video|>": config.video_token_id,
+            "<|begin_of_video|>": VIDEO_START,
+            "<|end_of_video|>": VIDEO_END,
+            "<|begin_of_image|>": IMAGE_START,
+            "<|end_of_image|>": IMAGE_END,
+        }
+    )
+    return transformers.Glm4vProcessor(
+        image_processor=transformers.Glm4vImageProcessor(**sizes),
+        video_processor=transformers.Glm4vVideoProcessor(**sizes, do_sample_frames=False),
+        tokenizer=tokenizer,
+    )
