@@ -323,9 +323,9 @@ def test_unload_restores_the_model(case, model):
 
 
 # --------------------------------------------------------------------------------------------- real processors
-# Families whose real processor is not in the suite yet (issue 13, item 2). A family registered without a processor
-# case and not listed here fails `test_every_family_runs_on_its_real_processor_or_is_a_listed_gap`.
-PROCESSOR_GAPS = {"molmo2"}
+# Every family runs on its real processor class. A family registered without a processor case must be listed here,
+# with the reason, or `test_every_family_runs_on_its_real_processor_or_is_a_listed_gap` fails.
+PROCESSOR_GAPS: set[str] = set()
 PROCESSOR_CASES = [case for case in CASES if case.make_processor is not None]
 
 

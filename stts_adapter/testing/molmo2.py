@@ -29,6 +29,7 @@ from .common import (
     tiny_text_config,
     tokenize,
 )
+from .processors import tiny_molmo2_processor
 
 # Special ids of the tiny configs, inside the vocabulary (common.py's ids where they mean the same thing).
 IMAGE_START, IMAGE_END, LOW_RES_IMAGE_START, IMAGE_COL = 991, 992, 993, 994
@@ -231,6 +232,9 @@ def _case() -> FamilyCase:
         videos=((3, 84, 84), (2, 56, 84)),
         units=molmo2_video_units,
         vit_tokens_per_unit=9,
+        make_processor=tiny_molmo2_processor,
+        video_prompt="<|video|>",
+        processor_videos=((6, 64, 80), (4, 90, 60)),  # resized to the image size; lengths may differ
     )
 
 

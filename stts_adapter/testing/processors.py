@@ -13,6 +13,8 @@ from typing import Any
 from .common import BOS, EOS, IMAGE_TOKEN, PAD, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB_SIZE
 
 UNK = 3
+# Molmo2's prompt-only tokens (the processor replaces them; the model never sees them), below the tiny configs' ids.
+MOLMO2_IMAGE_LOW, MOLMO2_IMAGE_PROMPT, MOLMO2_VIDEO_PROMPT = 988, 987, 986
 WORDS = (
     *("You", "are", "provided", "the", "following", "series", "of", "frames", "from", "a", "video", "Frame"),
     *("What", "happens", "describe", "it", "image", "is", "in"),
@@ -236,5 +238,38 @@ def tiny_glm4v_processor(config: Any) -> Any:
     return transformers.Glm4vProcessor(
         image_processor=transformers.Glm4vImageProcessor(**sizes),
         video_processor=transformers.Glm4vVideoProcessor(**sizes, do_sample_frames=False),
+        tokenizer=tokenizer,
+    )
+
+
+def tiny_molmo2_processor(config: Any) -> Any:
+    """`Molmo2Processor` (with `Molmo2ImageProcessor` and `Molmo2VideoProcessor`) for `tiny_molmo2_config`: frames
+    resized to the vision image size, 3x3 pooling windows, every frame kept. The prompt's video token is
+    `<|video|>` (an id of its own: the model never sees it)."""
+    import transformers
+
+    from .molmo2 import FRAME_END, FRAME_START, IMAGE_COL, IMAGE_END, IMAGE_START, LOW_RES_IMAGE_START, POOLING_SIZE
+
+    side = {"height": config.vision_config.image_size[0], "width": config.vision_config.image_size[1]}
+    patch = config.vision_config.patch_size
+    tokenizer = tiny_tokenizer(
+        {
+            "<im_patch>": config.image_patch_id,
+            "<im_col>": IMAGE_COL,
+            "<im_start>": IMAGE_START,
+            "<low_res_im_start>": LOW_RES_IMAGE_START,
+            "<frame_start>": FRAME_START,
+            "<im_end>": IMAGE_END,
+            "<frame_end>": FRAME_END,
+            "<im_low>": MOLMO2_IMAGE_LOW,
+            "<|image|>": MOLMO2_IMAGE_PROMPT,
+            "<|video|>": MOLMO2_VIDEO_PROMPT,
+        }
+    )
+    return transformers.Molmo2Processor(
+        image_processor=transformers.Molmo2ImageProcessor(size=side, patch_size=patch),
+        video_processor=transformers.Molmo2VideoProcessor(
+            size=side, patch_size=patch, pooling_size=list(POOLING_SIZE), do_sample_frames=False
+        ),
         tokenizer=tokenizer,
     )
