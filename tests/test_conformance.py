@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from stts_adapter import STTSConfig, STTSModel, apply_stts
+from stts_adapter import STTSConfig, STTSModel, apply_stts, supported_architectures
 from stts_adapter.processing import prepare_inputs
 from stts_adapter.registry import get_architecture
 from stts_adapter.testing import Sample
@@ -401,3 +401,15 @@ def test_the_processors_own_output_is_pruned_or_warned_about(processor_case, sav
 
 def model_only_inputs(case):
     return set(get_architecture(case.name).stts_only_inputs)
+
+
+def test_every_registered_family_has_a_conformance_case():
+    """The suite is driven by the registry: a family registered without a case here (VLMs) or in
+    test_conformance_vision.py (ViTs alone) fails this test."""
+    from stts_adapter.registry import get_architecture
+    from stts_adapter.testing.vision import VISION_CASES
+
+    covered = {case.name for case in CASES} | {case.name for case in VISION_CASES}
+    missing = sorted(set(supported_architectures()) - covered)
+    assert not missing, f"registered without a conformance case: {missing}"
+    assert all(get_architecture(case.name).has_language_model for case in CASES)

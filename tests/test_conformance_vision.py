@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from stts_adapter import STTSConfig, STTSModel, apply_stts
-from stts_adapter.testing.vision import CLIP_VISION, SIGLIP2_VISION, SIGLIP_VISION, TIMM_VIT
+from stts_adapter.testing.vision import VISION_CASES
 
-CASES = [TIMM_VIT, SIGLIP_VISION, CLIP_VISION, SIGLIP2_VISION]
+CASES = list(VISION_CASES)
 FRAMES = [6, 3]  # two videos of different lengths
 
 

@@ -111,3 +111,6 @@ SIGLIP2_VISION = VisionCase(
     features=lambda out: out.last_hidden_state,
     units_per_frame=16,
 )
+
+VISION_CASES = (TIMM_VIT, SIGLIP_VISION, CLIP_VISION, SIGLIP2_VISION)
+"""Every ViT-alone family's case (the VLM cases are each family module's `FamilyCase`)."""
