@@ -161,6 +161,9 @@ def fsdp_worker(output: str) -> None:
     )
     with open(os.path.join(output, f"rank{rank}.json"), "w") as f:
         json.dump({"local": local, "full": full}, f)
+    # Tear the process group down together: a rank that leaves while the main one still writes its files (each
+    # fsynced) once aborted in gloo's teardown ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
