@@ -14,6 +14,7 @@ import platform
 import re
 import tempfile
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,18 +50,29 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def save_adapter(model: STTSModel, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
-    """Write config, weights and model card into `save_directory`. See `STTSModel.save_pretrained`."""
+def save_adapter(
+    model: STTSModel,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    training: Mapping[str, float | int | str] | None = None,
+) -> None:
+    """Write config, weights and model card into `save_directory`. See `STTSModel.save_pretrained`; `training`
+    (numbers and short names, e.g. from the Trainer callback) goes into the model card's "Training" section."""
     tensors = adapter_state_dict(model)  # on every process: gathering an FSDP-sharded scorer is a collective
     if not is_main_process:
         return
     from . import __version__
 
     config = STTSConfig.from_dict({**model.stts_config.to_dict(), "stts_adapter_version": __version__})
-    write_adapter(save_directory, config, tensors)
+    write_adapter(save_directory, config, tensors, training)
 
 
-def write_adapter(save_directory: str | os.PathLike, config: STTSConfig, tensors: dict[str, torch.Tensor]) -> None:
+def write_adapter(
+    save_directory: str | os.PathLike,
+    config: STTSConfig,
+    tensors: dict[str, torch.Tensor],
+    training: Mapping[str, float | int | str] | None = None,
+) -> None:
     """Write an adapter folder so that a reader always finds the old adapter or the new one, whole.
 
     Every file is written to a temporary file in the folder and renamed over its target (a rename is atomic and
@@ -73,6 +85,7 @@ def write_adapter(save_directory: str | os.PathLike, config: STTSConfig, tensors
         save_directory: created if missing.
         config (`STTSConfig`): the adapter's config.
         tensors (`dict[str, torch.Tensor]`): the adapter's tensors (`scorer.<name>`).
+        training (`Mapping`, *optional*): training details for the model card.
     """
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; pass a directory.")
@@ -83,7 +96,7 @@ def write_adapter(save_directory: str | os.PathLike, config: STTSConfig, tensors
     manifest = {**config.to_dict(), WEIGHTS_HASH: hashlib.sha256(weights).hexdigest()}
     manifest_json = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     _write_atomically(os.path.join(save_directory, CONFIG_NAME), manifest_json.encode())
-    _write_atomically(os.path.join(save_directory, "README.md"), model_card(config).encode("utf-8"))
+    _write_atomically(os.path.join(save_directory, "README.md"), model_card(config, training).encode("utf-8"))
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -176,8 +189,14 @@ def push_adapter_to_hub(
         )
 
 
-def model_card(config: STTSConfig) -> str:
-    """A Hub model card (README.md) for an adapter, in the style of PEFT's."""
+def model_card(config: STTSConfig, training: Mapping[str, float | int | str] | None = None) -> str:
+    """A Hub model card (README.md) for an adapter, in the style of PEFT's.
+
+    Args:
+        config (`STTSConfig`): the adapter's config.
+        training (`Mapping`, *optional*): training details (steps, learning rates, measured kept fraction, ...),
+            written as a table.
+    """
     import transformers
 
     from . import __version__
@@ -223,7 +242,7 @@ Or in one call, with the base model this adapter records: `AutoSTTSModel.from_pr
 |---|---|
 {rows}
 
-## Framework versions
+{_training_section(training)}## Framework versions
 
 - stts_adapter {__version__}
 - transformers {transformers.__version__}
@@ -241,6 +260,15 @@ def _literal(value: str | None) -> str:
     """`value` as a double-quoted string that means the same in YAML and in Python and holds no newline, quote or
     backtick that could end the front matter, the code block or the literal."""
     return json.dumps(value, ensure_ascii=True).replace("`", "\\u0060")
+
+
+def _training_section(training: Mapping[str, float | int | str] | None) -> str:
+    if not training:
+        return ""
+    rows = "\n".join(
+        f"| {_literal(str(key))[1:-1]} | `{_literal(str(value))[1:-1]}` |" for key, value in training.items()
+    )
+    return f"## Training\n\n| | |\n|---|---|\n{rows}\n\n"
 
 
 def _load_snippet(config: STTSConfig, model_class: str | None, base_name: str) -> str:

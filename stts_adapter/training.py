@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .io import save_adapter
 from .model import STTSModel
 from .report import SATURATED_LOGIT, STTSReport
 
@@ -415,10 +416,13 @@ class STTSCallback(TrainerCallback):
         stts_model = find_stts_model(model)
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         # Every process calls it (gathering a sharded scorer is a collective); only the main one writes.
-        stts_model.save_pretrained(
-            os.path.join(checkpoint, STTS_ADAPTER_SUBDIR), is_main_process=state.is_world_process_zero
-        )
         has_peft_adapter = stts_model.base_model is not stts_model.transformers_model
+        save_adapter(
+            stts_model,
+            os.path.join(checkpoint, STTS_ADAPTER_SUBDIR),
+            is_main_process=state.is_world_process_zero,
+            training=_training_details(args, state, LORA_ADAPTER_SUBDIR if has_peft_adapter else None),
+        )
         if has_peft_adapter and _is_sharded(model):
             if not self._warned_sharded:
                 logger.warning(
@@ -428,6 +432,25 @@ class STTSCallback(TrainerCallback):
                 self._warned_sharded = True
         elif has_peft_adapter and state.is_world_process_zero:
             stts_model.base_model.save_pretrained(os.path.join(checkpoint, LORA_ADAPTER_SUBDIR))  # the PeftModel's
+
+
+def _training_details(args: Any, state: Any, peft_adapter: str | None) -> dict[str, float | int | str]:
+    """What the model card of a Trainer checkpoint says about its training: steps, batch size, learning rates and
+    the last logged STTS numbers (kept fraction, scorer learning rate), and where the PEFT adapter is."""
+    details: dict[str, float | int | str] = {
+        "steps": state.global_step,
+        "per-device batch size": args.per_device_train_batch_size,
+        "learning rate (peak)": args.learning_rate,
+    }
+    logged = [log for log in state.log_history if "stts_kept_fraction" in log and "loss" in log]
+    if logged:
+        last = logged[-1]
+        details["kept fraction (last logged)"] = round(last["stts_kept_fraction"], 4)
+        if "stts_scorer_lr" in last:
+            details["scorer learning rate (last logged)"] = last["stts_scorer_lr"]
+    if peft_adapter is not None:
+        details["PEFT adapter"] = f"../{peft_adapter}"
+    return details
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -4,6 +4,7 @@ launchers are in test_distributed.py."""
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -232,6 +233,11 @@ def test_trainer_trains_lora_and_scorer_logs_stts_numbers_and_checkpoints_the_ad
         PeftModel.from_pretrained(load(), checkpoint / "peft_adapter"), checkpoint / "stts_adapter"
     )
     assert reloaded.scorer is not None
+    card = (checkpoint / "stts_adapter" / "README.md").read_text()
+    training = dict(re.findall(r"^\| ([^|]+) \| `([^`]*)` \|$", card.split("## Training", 1)[1], flags=re.M))
+    assert training["steps"] == "2" and training["PEFT adapter"] == "../peft_adapter"
+    assert float(training["kept fraction (last logged)"]) == 0.5
+    assert float(training["scorer learning rate (last logged)"]) == pytest.approx(train_logs[1]["stts_scorer_lr"])
     final = tmp_path / "trainer" / "checkpoint-4" / "stts_adapter" / "stts_model.safetensors"
     saved = load_file(str(final))
     for key, value in model.scorer.state_dict().items():
