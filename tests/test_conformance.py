@@ -338,8 +338,11 @@ def processor_texts(case):
     return [f"{case.video_prompt} What happens", f"{case.video_prompt} describe it"]
 
 
-def processor_videos(case):
-    return [case.processor_video(0), case.processor_video(1)]
+def processor_videos(case, files_in=None):
+    """The two videos as decoded frames, or (with a folder) as mp4 files written there, for `prepare_inputs`."""
+    if files_in is None:
+        return [case.processor_video(0), case.processor_video(1)]
+    return [case.processor_video_file(i, files_in / f"video{i}.mp4") for i in range(2)]
 
 
 @pytest.fixture(params=PROCESSOR_CASES, ids=repr)
@@ -347,16 +350,17 @@ def processor_case(request):
     return request.param
 
 
-def test_the_real_processors_output_is_pruned_through_prepare_inputs(processor_case, saved, recwarn):
-    """Videos of different sizes and lengths in one padded batch, made by the family's real processor: pruning
-    nothing reproduces the bare model on them, and at 50% every video loses floor(ratio x units) (first frame kept)
-    and the LLM sequence exactly the pruned units' placeholders."""
+@pytest.mark.parametrize("source", ["frames", "mp4 files"])
+def test_the_real_processors_output_is_pruned_through_prepare_inputs(processor_case, saved, recwarn, source, tmp_path):
+    """Videos of different sizes and lengths in one padded batch, made by the family's real processor from decoded
+    frames or from mp4 files (decoded by the transformers video loader): pruning nothing reproduces the bare model
+    on them, and at 50% every video loses floor(ratio x units) (first frame kept) and the LLM sequence exactly the
+    pruned units' placeholders."""
     case = processor_case
     model = case.model_class.from_pretrained(saved[case.name]).eval()
     processor = case.make_processor(model.config)
-    inputs = prepare_inputs(
-        processor, model, processor_texts(case), videos=processor_videos(case), return_tensors="pt", padding=True
-    )
+    videos = processor_videos(case, tmp_path if source == "mp4 files" else None)
+    inputs = prepare_inputs(processor, model, processor_texts(case), videos=videos, return_tensors="pt", padding=True)
     with torch.no_grad():
         bare = model(**{k: v for k, v in inputs.items() if k not in model_only_inputs(case)})
         stts = stts_of(model, case, prune_ratio=0.0)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import STTSConfig
+from ..processing import VIDEO_SUFFIXES, decode_video_files
 from ..visualization import pillow
 from .common import IMAGE_SUFFIXES, SYNTHETIC, CLIError
 
@@ -264,7 +265,8 @@ def load_video(source: str, frames: int | None = None, size: int = 224) -> torch
 
     Args:
         source (`str`): "synthetic" (a square moving over a textured background,
-            `stts_adapter.testing.moving_square_video`), a folder of frame images (sorted by name; needs Pillow), an
+            `stts_adapter.testing.moving_square_video`), a video file (.mp4, .mov, ...: needs torchcodec or PyAV,
+            `pip install "stts-adapter[video]"`), a folder of frame images (sorted by name; needs Pillow), an
             animated GIF / WebP (Pillow), or a tensor file: `.npy` (numpy, no pickles), `.pt` / `.pth`
             (`torch.load(weights_only=True)`) or `.safetensors` (the tensor `video`, or the only one), laid out as
             `(frames, 3, H, W)` or `(frames, H, W, 3)`, uint8 or floats in [0, 1].
@@ -309,11 +311,18 @@ def load_video(source: str, frames: int | None = None, size: int = 224) -> torch
         from safetensors.torch import load_file
 
         video = _as_video(_pick_tensor(load_file(source), source), source)
+    elif suffix in VIDEO_SUFFIXES:
+        try:
+            decoded, _ = decode_video_files(source)  # the transformers video loader (torchcodec, else PyAV)
+        except ImportError:
+            raise
+        except Exception as exc:  # the decoders raise their own error types for damaged files
+            raise CLIError(f"{source} could not be decoded as a video ({exc}).") from exc
+        video = _as_video(torch.from_numpy(decoded), source)
     else:
         raise CLIError(
-            f"Cannot read {source!r}: pass a folder of frame images, an animated GIF, a .npy / .pt / .safetensors "
-            f"tensor, or {SYNTHETIC!r}. To use a video file, extract frames first, e.g. "
-            "`ffmpeg -i video.mp4 -vf fps=2 frames/%05d.png`, then `--video frames/`."
+            f"Cannot read {source!r}: pass a video file ({', '.join(VIDEO_SUFFIXES)}), a folder of frame images, an "
+            f"animated GIF, a .npy / .pt / .safetensors tensor, or {SYNTHETIC!r}."
         )
     if frames is not None and frames < len(video):
         video = video[torch.linspace(0, len(video) - 1, frames).round().long()]

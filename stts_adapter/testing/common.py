@@ -218,5 +218,22 @@ class FamilyCase:
         size = (self.processor_videos or self.videos)[index]
         return (self.video(index, size=size) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
+    def processor_video_file(self, index: int, path: Any, fps: int = 4) -> str:
+        """Video `index` written as an H.264 mp4 file at `path` (PyAV), as a user's video file would be."""
+        write_video_file(path, self.processor_video(index), fps)
+        return str(path)
+
     def __repr__(self) -> str:  # readable pytest ids
         return self.name
+
+
+def write_video_file(path: Any, frames: Any, fps: int = 4) -> None:
+    """Write `frames` (`(frames, height, width, 3)` uint8, even sides) as an H.264 mp4 with PyAV."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
