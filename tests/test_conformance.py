@@ -254,12 +254,8 @@ def test_batch_invariance(case, model, padding_side):
         assert torch.equal(together.stts.keep_masks[row], alone.stts.keep_masks[0])
 
 
-def test_generate_equals_a_greedy_loop_of_full_forwards(case, model):
-    stts = stts_of(model, case, prune_ratio=0.5)
-    batch = batch_of(case, model, padding_side="left")
-    new_tokens = 5
-    generated = stts.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-
+def greedy_loop(stts, batch, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy steps of full STTS forwards (the oracle of `generate`)."""
     loop = dict(batch)
     for _ in range(new_tokens):
         next_token = stts(**loop).logits[:, -1].argmax(-1, keepdim=True)
@@ -268,7 +264,14 @@ def test_generate_equals_a_greedy_loop_of_full_forwards(case, model):
         if "mm_token_type_ids" in loop:
             types = loop["mm_token_type_ids"]
             loop["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(next_token, dtype=types.dtype)], 1)
-    assert torch.equal(generated, loop["input_ids"])
+    return loop["input_ids"]
+
+
+def test_generate_equals_a_greedy_loop_of_full_forwards(case, model):
+    stts = stts_of(model, case, prune_ratio=0.5)
+    batch = batch_of(case, model, padding_side="left")
+    generated = stts.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(generated, greedy_loop(stts, batch, 5))
     assert torch.equal(generated[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # the unpruned prompt
 
 
@@ -417,3 +420,17 @@ def test_every_registered_family_has_a_conformance_case():
     missing = sorted(set(supported_architectures()) - covered)
     assert not missing, f"registered without a conformance case: {missing}"
     assert all(get_architecture(case.name).has_language_model for case in CASES)
+
+
+def test_generate_from_video_files_through_the_real_processor_equals_a_greedy_loop(processor_case, saved, tmp_path):
+    """From mp4 files to generated text: the family's real processor, STTS at 50%, `generate`."""
+    case = processor_case
+    model = case.model_class.from_pretrained(saved[case.name]).eval()
+    processor = case.make_processor(model.config)
+    processor.tokenizer.padding_side = "left"
+    videos = processor_videos(case, tmp_path)
+    inputs = prepare_inputs(processor, model, processor_texts(case), videos=videos, return_tensors="pt", padding=True)
+    stts = stts_of(model, case, prune_ratio=0.5)
+    generated = stts.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(generated, greedy_loop(stts, dict(inputs), 3))
+    assert stts(**inputs).stts.kept_fraction < 0.75
