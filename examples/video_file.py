@@ -17,6 +17,7 @@ import os
 import torch
 
 from stts_adapter import AutoSTTSModel, STTSConfig, apply_stts, prepare_inputs
+from stts_adapter.tts import frames_for_budget
 from stts_adapter.visualization import kept_pixels, render_kept_units
 
 
@@ -74,6 +75,12 @@ def main() -> None:
         generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     new_tokens = generated[:, inputs["input_ids"].shape[1] :]
     print(f"{os.path.basename(video)}: {report.units_before[0]} video tokens -> {report.units_after[0]} kept")
+    # Test-time scaling: the frames STTS can take for the video tokens the unpruned model spends on this clip.
+    slots = int(inputs["video_grid_thw"][0, 0])
+    plan = frames_for_budget(
+        report.units_before[0], report.units_before[0] // slots, args.prune_ratio or 0.5, frames_per_slot=2
+    )
+    print(f"the same {report.units_before[0]} tokens buy {plan.frames} frames at {plan.prune_ratio:.0%} pruning")
     print("generated ids:", new_tokens[0].tolist())  # a tiny random model's tokens mean nothing
     print("generated text:", repr(processor.batch_decode(new_tokens, skip_special_tokens=True)[0]))
 

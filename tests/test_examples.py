@@ -21,6 +21,7 @@ def test_the_video_file_example_prunes_generates_and_draws(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "example_clip.mp4: 96 video tokens -> 48 kept" in lines
+    assert "the same 96 tokens buy 16 frames at 50% pruning" in lines  # 8 frames unpruned: 2x frames at 50%
     assert any(line.startswith("generated ids: [") and line.count(",") == 7 for line in lines)  # 8 new tokens
     assert (tmp_path / "example_clip.mp4").stat().st_size > 0
     assert (tmp_path / "video_file_kept.png").stat().st_size > 0
