@@ -1,0 +1,72 @@
+"""Prefill FLOPs of Qwen2.5-VL-3B's shapes (random config, no weights) at 50% pruning: STTS, which prunes inside the
+ViT, against pruning after the ViT, as vLLM's EVS (and a learned-scorer plugin in its place) can. Used by
+docs/serving.md.
+
+    python benchmarks/serving_estimate.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+from transformers import Qwen2_5_VLConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def speed_module():
+    spec = importlib.util.spec_from_file_location("speed", os.path.join(HERE, "speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B-Instruct's shapes."""
+    vision = dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    )
+    text = dict(
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2
+    )
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text)
+
+
+def main() -> None:
+    speed, config = speed_module(), qwen2_5_vl_3b_config()
+    rows = cols = 12  # 336 x 336 frames: 12 x 12 units per temporal slot of 2 frames
+    text_tokens = 64
+    print("| frames | video tokens | STTS (pruned in the ViT) | pruned after the ViT | ViT share of the baseline |")
+    print("|---|---|---|---|---|")
+    for frames in (32, 128, 256):
+        keep = torch.ones(frames // 2, rows, cols, dtype=torch.bool)
+        units, pruned = keep.numel(), keep.numel() // 2
+        torch.manual_seed(0)
+        half = keep.flatten().clone()
+        half[torch.randperm(units - rows * cols)[:pruned] + rows * cols] = False  # the first slot is kept
+        half = half.view_as(keep)
+        base = speed.qwen2_5_vl_flops(config, keep, units + text_tokens, prune_layer=3)
+        stts = speed.qwen2_5_vl_flops(config, half, units - pruned + text_tokens, prune_layer=3, scorer_hidden=3420)
+        after_vit = speed.qwen2_5_vl_flops(config, keep, units - pruned + text_tokens, prune_layer=3)
+        vit_share = 1 - (base.llm + base.llm_attention + base.lm_head) / base.forward()
+        print(
+            f"| {frames} | {units} | {base.forward() / stts.forward():.2f}x | "
+            f"{base.forward() / after_vit.forward():.2f}x | {vit_share:.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
