@@ -130,13 +130,7 @@ def tiny_qwen_vl_processor(
     """
     import transformers
 
-    vision = config.vision_config
-    sizes = dict(
-        patch_size=vision.patch_size,
-        merge_size=vision.spatial_merge_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
-    )
+    sizes = _merged_patch_sizes(config.vision_config)
     tokenizer = tiny_tokenizer(
         {
             "<|image_pad|>": config.image_token_id,
@@ -218,13 +212,7 @@ def tiny_glm4v_processor(config: Any) -> Any:
 
     from .glm4v import IMAGE_END, IMAGE_START, VIDEO_END, VIDEO_START
 
-    vision = config.vision_config
-    sizes = dict(
-        patch_size=vision.patch_size,
-        merge_size=vision.spatial_merge_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
-    )
+    sizes = _merged_patch_sizes(config.vision_config)
     tokenizer = tiny_tokenizer(
         {
             "<|image|>": config.image_token_id,
@@ -272,4 +260,15 @@ def tiny_molmo2_processor(config: Any) -> Any:
             size=side, patch_size=patch, pooling_size=list(POOLING_SIZE), do_sample_frames=False
         ),
         tokenizer=tokenizer,
+    )
+
+
+def _merged_patch_sizes(vision: Any) -> dict[str, Any]:
+    """The image / video processor settings of the Qwen-VL-style families (Qwen-VL, GLM-4.1V): the vision config's
+    patch, merge and temporal patch sizes, frames resized to between 56x56 and 448x448 pixels."""
+    return dict(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
     )
