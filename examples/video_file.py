@@ -5,8 +5,8 @@
     python examples/video_file.py --video clip.mp4 --model Qwen/Qwen2.5-VL-3B-Instruct --adapter you/qwen-stts
 
 Without --model the model is a tiny random Qwen2.5-VL built from a config, with its REAL processor class and a tiny
-tokenizer built offline (`stts_adapter.testing.processors`): the tokens it generates mean nothing, but every step
-is the one a real checkpoint takes.
+tokenizer built offline (`stts_adapter.testing.qwen.tiny_qwen_vl_processor`): the tokens it generates mean nothing,
+but every step is the one a real checkpoint takes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def tiny_model_and_processor():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from stts_adapter.testing import tiny_qwen2_5_vl_config
-    from stts_adapter.testing.processors import tiny_qwen_vl_processor
+    from stts_adapter.testing.qwen import tiny_qwen_vl_processor
 
     torch.manual_seed(0)
     config = tiny_qwen2_5_vl_config()

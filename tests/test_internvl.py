@@ -25,8 +25,8 @@ from stts_adapter.testing.internvl import (
     build_internvl_batch,
     internvl_video_placeholders,
     tiny_internvl_config,
+    tiny_internvl_processor,
 )
-from stts_adapter.testing.processors import tiny_internvl_processor
 
 PRUNE_LAYER = 1
 

@@ -17,7 +17,6 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.model_registry.smolvlm import IS_VIDEO, pixel_shuffle_units
 from stts_adapter.processing import prepare_inputs
 from stts_adapter.testing import Sample
-from stts_adapter.testing.processors import tiny_smolvlm_processor
 from stts_adapter.testing.smolvlm import (
     FAKE_TOKEN_AROUND_IMAGE,
     GLOBAL_IMAGE_TOKEN,
@@ -25,6 +24,7 @@ from stts_adapter.testing.smolvlm import (
     build_smolvlm_batch,
     smolvlm_tokens_per_image,
     tiny_smolvlm_config,
+    tiny_smolvlm_processor,
 )
 
 PRUNE_LAYER = SMOLVLM.prune_layer

@@ -32,7 +32,7 @@ from .common import (
     tiny_text_config,
     tokenize,
 )
-from .processors import tiny_glm4v_processor
+from .processors import merged_patch_sizes, tiny_tokenizer
 from .qwen import qwen_patchify
 
 # GLM-4.1V's extra markers, inside the tiny vocabulary next to common.py's special ids (990 <= id < 1000).
@@ -162,6 +162,29 @@ def glm4v_video_units(config, frames: int, height: int, width: int) -> tuple[int
     vision = config.vision_config
     side = vision.patch_size * vision.spatial_merge_size
     return -(-frames // vision.temporal_patch_size), (height // side) * (width // side)
+
+
+def tiny_glm4v_processor(config: Any) -> Any:
+    """`Glm4vProcessor` (with `Glm4vImageProcessor` and `Glm4vVideoProcessor`) for `tiny_glm4v_config`: the config's
+    patch, merge and temporal patch sizes, frames resized between 56x56 and 448x448 pixels, every frame kept."""
+    import transformers
+
+    sizes = merged_patch_sizes(config.vision_config)
+    tokenizer = tiny_tokenizer(
+        {
+            "<|image|>": config.image_token_id,
+            "<|video|>": config.video_token_id,
+            "<|begin_of_video|>": VIDEO_START,
+            "<|end_of_video|>": VIDEO_END,
+            "<|begin_of_image|>": IMAGE_START,
+            "<|end_of_image|>": IMAGE_END,
+        }
+    )
+    return transformers.Glm4vProcessor(
+        image_processor=transformers.Glm4vImageProcessor(**sizes),
+        video_processor=transformers.Glm4vVideoProcessor(**sizes, do_sample_frames=False),
+        tokenizer=tokenizer,
+    )
 
 
 def _case() -> FamilyCase:

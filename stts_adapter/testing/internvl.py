@@ -11,8 +11,8 @@ import stts_adapter.model_registry.internvl  # noqa: F401  (registers the entry)
 from stts_adapter.model_registry.internvl import PIXEL_VIDEO_INDEX
 
 from ..sequence import pad_token_id
-from .common import IMAGE_TOKEN, VISION_END, VISION_START, FamilyCase, Sample, tiny_text_config, tokenize
-from .processors import tiny_internvl_processor
+from .common import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, FamilyCase, Sample, tiny_text_config, tokenize
+from .processors import tiny_tokenizer
 
 # Word ids standing for the processor's frame text: "Frame", ":" and "\n", and "1", "2", ... from FRAME_NUMBER on.
 FRAME_WORD, COLON, NEWLINE, FRAME_NUMBER = 901, 902, 903, 910
@@ -135,6 +135,33 @@ def build_internvl_batch(config, samples: list[Sample], padding_side: str = "lef
 def internvl_video_units(config, frames: int, height: int, width: int) -> tuple[int, int]:
     """(frames, units per frame) of a video: every frame is one tile of `image_seq_length` pixel-shuffle cells."""
     return frames, internvl_tokens_per_tile(config)
+
+
+def tiny_internvl_processor(config: Any, max_patches: int = 4) -> Any:
+    """`InternVLProcessor` (with `GotOcr2ImageProcessor` and `InternVLVideoProcessor`) for `tiny_internvl_config`:
+    tiles and frames of the vision image size, images cut into up to `max_patches` tiles plus a thumbnail.
+
+    Needs torchvision (the video processor).
+    """
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    named = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tokenizer = tiny_tokenizer(
+        {"<IMG_CONTEXT>": IMAGE_TOKEN, "<img>": VISION_START, "</img>": VISION_END, "<video>": VIDEO_TOKEN}, named
+    )
+    size = config.vision_config.image_size
+    tile = {"height": size[0], "width": size[1]}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, max_patches=max_patches),
+        video_processor=InternVLVideoProcessor(size=tile),
+        tokenizer=tokenizer,
+        image_seq_length=internvl_tokens_per_tile(config),
+    )
 
 
 def _case() -> FamilyCase:

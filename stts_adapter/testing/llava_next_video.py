@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import stts_adapter.model_registry.llava_next_video  # noqa: F401
 
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
-from .processors import tiny_llava_next_video_processor
+from .processors import tiny_tokenizer
 from .video_llava import tiny_clip_vision_config
 
 if TYPE_CHECKING:
@@ -93,6 +93,27 @@ def llava_next_video_units(config: PretrainedConfig, frames: int, height: int, w
     """(frames, units per frame) of a video: the processor's pooled tokens per frame."""
     patch = config.vision_config.patch_size
     return frames, (height // patch) * (width // patch) // 4
+
+
+def tiny_llava_next_video_processor(config: Any) -> Any:
+    """`LlavaNextVideoProcessor` (with `LlavaNextImageProcessor` and `LlavaNextVideoVideoProcessor`) for
+    `tiny_llava_next_video_config`: frames resized and center-cropped to the vision image size."""
+    import transformers
+
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    return transformers.LlavaNextVideoProcessor(
+        image_processor=transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": side}, crop_size=square, image_grid_pinpoints=[[side, side]]
+        ),
+        video_processor=transformers.LlavaNextVideoVideoProcessor(
+            size={"shortest_edge": side}, crop_size=square, do_sample_frames=False
+        ),
+        tokenizer=tiny_tokenizer({"<image>": config.image_token_id, "<video>": config.video_token_id}),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=0,
+    )
 
 
 def _case() -> FamilyCase:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ..sequence import pad_token_id
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize
-from .processors import tiny_llava_onevision_processor
+from .processors import tiny_tokenizer
 
 
 def tiny_llava_onevision_config(image_size: int = 56, depth: int = 5, **vision_overrides):
@@ -65,6 +66,22 @@ def build_llava_onevision_batch(config, samples: list[Sample], padding_side: str
 
 def _units(config, frames: int, height: int, width: int) -> tuple[int, int]:
     return frames, llava_onevision_video_units(config)
+
+
+def tiny_llava_onevision_processor(config: Any) -> Any:
+    """`LlavaOnevisionProcessor` (with `LlavaOnevisionImageProcessor` and `LlavaOnevisionVideoProcessor`) for
+    `tiny_llava_onevision_config`: frames resized to the vision image size, every frame given kept."""
+    import transformers
+
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=transformers.LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=[[side, side]]),
+        video_processor=transformers.LlavaOnevisionVideoProcessor(size=square, do_sample_frames=False),
+        tokenizer=tiny_tokenizer({"<image>": config.image_token_id, "<video>": config.video_token_id}),
+        num_image_tokens=(side // config.vision_config.patch_size) ** 2,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
 
 
 def _case() -> FamilyCase:

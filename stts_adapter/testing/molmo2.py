@@ -10,6 +10,7 @@ video, and per frame the text `"<time> "` (a space before every frame but the fi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from .common import (
     tiny_text_config,
     tokenize,
 )
-from .processors import tiny_molmo2_processor
+from .processors import MOLMO2_IMAGE_LOW, MOLMO2_IMAGE_PROMPT, MOLMO2_VIDEO_PROMPT, tiny_tokenizer
 
 # Special ids of the tiny configs, inside the vocabulary (common.py's ids where they mean the same thing).
 IMAGE_START, IMAGE_END, LOW_RES_IMAGE_START, IMAGE_COL = 991, 992, 993, 994
@@ -216,6 +217,45 @@ def molmo2_video_units(config, frames: int, height: int, width: int) -> tuple[in
     model's input size, whose patch grid is cut into ceil(side / 3) squared 3x3 windows."""
     side = config.vision_config.image_size[0] // config.vision_config.patch_size
     return frames, math.ceil(side / POOLING_SIZE[0]) * math.ceil(side / POOLING_SIZE[1])
+
+
+def tiny_molmo2_processor(config: Any) -> Any:
+    """`Molmo2Processor` (with `Molmo2ImageProcessor` and `Molmo2VideoProcessor`) for `tiny_molmo2_config`: frames
+    resized to the vision image size, 3x3 pooling windows, every frame kept. The prompt's video token is
+    `<|video|>` (an id of its own: the model never sees it)."""
+    import transformers
+
+    side = {"height": config.vision_config.image_size[0], "width": config.vision_config.image_size[1]}
+    patch = config.vision_config.patch_size
+    tokenizer = tiny_tokenizer(
+        {
+            "<im_patch>": config.image_patch_id,
+            "<im_col>": IMAGE_COL,
+            "<im_start>": IMAGE_START,
+            "<low_res_im_start>": LOW_RES_IMAGE_START,
+            "<frame_start>": FRAME_START,
+            "<im_end>": IMAGE_END,
+            "<frame_end>": FRAME_END,
+            "<im_low>": MOLMO2_IMAGE_LOW,
+            "<|image|>": MOLMO2_IMAGE_PROMPT,
+            "<|video|>": MOLMO2_VIDEO_PROMPT,
+        }
+    )
+    return transformers.Molmo2Processor(
+        image_processor=transformers.Molmo2ImageProcessor(size=side, patch_size=patch),
+        # transformers 5.24's Molmo2VideoProcessor neither rescales nor normalises unless asked (it returns uint8
+        # pixel values); the released checkpoint's preprocessing does both.
+        video_processor=transformers.Molmo2VideoProcessor(
+            size=side,
+            patch_size=patch,
+            pooling_size=list(POOLING_SIZE),
+            do_sample_frames=False,
+            do_rescale=True,
+            do_normalize=True,
+            do_convert_rgb=True,
+        ),
+        tokenizer=tokenizer,
+    )
 
 
 def _case() -> FamilyCase:

@@ -10,7 +10,7 @@ import torch
 
 from ..sequence import pad_token_id
 from .common import FamilyCase, Sample, special_tokens, tiny_text_config, tokenize
-from .processors import tiny_qwen_vl_processor
+from .processors import merged_patch_sizes, tiny_tokenizer
 
 
 def tiny_qwen2_5_vl_config(**vision_overrides: Any):
@@ -165,6 +165,36 @@ def qwen_video_units(config, frames: int, height: int, width: int) -> tuple[int,
     vision = config.vision_config
     side = vision.patch_size * vision.spatial_merge_size
     return -(-frames // vision.temporal_patch_size), (height // side) * (width // side)
+
+
+def tiny_qwen_vl_processor(
+    config: Any, processor_class: str = "Qwen2_5_VLProcessor", video_processor_class: str = "Qwen2VLVideoProcessor"
+) -> Any:
+    """A Qwen-VL processor (`Qwen2_5_VLProcessor`, `Qwen2VLProcessor` or `Qwen3VLProcessor`, with
+    `Qwen2VLImageProcessor` and the family's video processor) for the tiny Qwen configs: the config's patch, merge
+    and temporal patch sizes, frames resized between 56x56 and 448x448 pixels, every frame given kept (no frame
+    sampling).
+
+    Needs torchvision (the video processor).
+    """
+    import transformers
+
+    sizes = merged_patch_sizes(config.vision_config)
+    tokenizer = tiny_tokenizer(
+        {
+            "<|image_pad|>": config.image_token_id,
+            "<|video_pad|>": config.video_token_id,
+            "<|vision_start|>": config.vision_start_token_id,
+            "<|vision_end|>": config.vision_end_token_id,
+        }
+    )
+    return getattr(transformers, processor_class)(
+        image_processor=transformers.Qwen2VLImageProcessor(**sizes),
+        video_processor=getattr(transformers, video_processor_class)(
+            **sizes, do_sample_frames=False, cap_pixels_per_frame=True
+        ),
+        tokenizer=tokenizer,
+    )
 
 
 def _qwen_case(name: str, model_class_name: str, make_config, processor_class: str) -> FamilyCase:

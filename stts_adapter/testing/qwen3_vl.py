@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from .common import FamilyCase, Sample, special_tokens, tiny_text_config
-from .processors import tiny_qwen_vl_processor
-from .qwen import build_qwen_batch, qwen_video_units
+from .qwen import build_qwen_batch, qwen_video_units, tiny_qwen_vl_processor
 
 SECONDS_TOKEN = 300
 """Stands for the text of `<t seconds>` before every temporal slot (the time itself is token 301 + slot)."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import stts_adapter.model_registry.smolvlm  # noqa: F401  (registers the entry)
 from stts_adapter.model_registry.smolvlm import IS_VIDEO
 
-from .common import IMAGE_TOKEN, PAD, FamilyCase, Sample, tiny_text_config, tokenize
-from .processors import tiny_smolvlm_processor
+from .common import EOS, IMAGE_TOKEN, PAD, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize
+from .processors import tiny_tokenizer
 
 # Special tokens of the SmolVLM2 tokenizer, inside the tiny vocabulary.
 FAKE_TOKEN_AROUND_IMAGE = 993  # <fake_token_around_image>
@@ -134,6 +136,32 @@ def build_smolvlm_batch(
         if mark_videos and any(row_is_video):
             batch[IS_VIDEO] = torch.tensor(row_is_video)
     return batch
+
+
+def tiny_smolvlm_processor(config: Any) -> Any:
+    """`SmolVLMProcessor` (with `SmolVLMImageProcessor` and `SmolVLMVideoProcessor`) for `tiny_smolvlm_config`:
+    frames and images resized to the vision image size, no image splitting.
+
+    Needs `num2words` (the processor spells out the frame count) and torchvision (the video processor).
+    """
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    tokenizer = tiny_tokenizer(
+        {
+            "<image>": config.image_token_id,
+            "<video>": VIDEO_TOKEN,
+            "<fake_token_around_image>": FAKE_TOKEN_AROUND_IMAGE,
+            "<global-img>": GLOBAL_IMAGE_TOKEN,
+            "<end_of_utterance>": EOS,
+        }
+    )
+    side = {"longest_edge": config.vision_config.image_size}
+    return SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(size=side, max_image_size=side, do_image_splitting=False),
+        video_processor=SmolVLMVideoProcessor(size=side, max_image_size=side),
+        tokenizer=tokenizer,
+        image_seq_len=smolvlm_tokens_per_image(config),
+    )
 
 
 def _case() -> FamilyCase:

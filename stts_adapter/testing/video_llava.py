@@ -10,7 +10,7 @@ import torch
 import stts_adapter.model_registry.video_llava  # noqa: F401
 
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
-from .processors import tiny_video_llava_processor
+from .processors import tiny_tokenizer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -111,6 +111,26 @@ def video_llava_video_units(config: PretrainedConfig, frames: int, height: int, 
     """(frames, units per frame) of a video: one unit per patch; the CLS placeholder of a frame is not a unit."""
     patch = config.vision_config.patch_size
     return frames, (height // patch) * (width // patch)
+
+
+def tiny_video_llava_processor(config: Any) -> Any:
+    """`VideoLlavaProcessor` (with `VideoLlavaImageProcessor` and `VideoLlavaVideoProcessor`) for
+    `tiny_video_llava_config`: frames resized and center-cropped to the vision image size, a CLS placeholder per
+    frame."""
+    import transformers
+
+    side = config.vision_config.image_size
+    square = {"height": side, "width": side}
+    return transformers.VideoLlavaProcessor(
+        image_processor=transformers.VideoLlavaImageProcessor(size={"shortest_edge": side}, crop_size=square),
+        video_processor=transformers.VideoLlavaVideoProcessor(
+            size={"shortest_edge": side}, crop_size=square, do_sample_frames=False
+        ),
+        tokenizer=tiny_tokenizer({"<image>": config.image_token_id, "<video>": config.video_token_id}),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
 
 
 def _case() -> FamilyCase:
