@@ -436,13 +436,15 @@ class STTSCallback(TrainerCallback):
 
 def _training_details(args: Any, state: Any, peft_adapter: str | None) -> dict[str, float | int | str]:
     """What the model card of a Trainer checkpoint says about its training: steps, batch size, learning rates and
-    the last logged STTS numbers (kept fraction, scorer learning rate), and where the PEFT adapter is."""
-    details: dict[str, float | int | str] = {
-        "steps": state.global_step,
-        "per-device batch size": args.per_device_train_batch_size,
-        "learning rate (peak)": args.learning_rate,
+    the last logged STTS numbers (kept fraction, scorer learning rate), and where the PEFT adapter is. Whatever the
+    arguments or the state do not hold is left out."""
+    fields = {
+        "steps": getattr(state, "global_step", None),
+        "per-device batch size": getattr(args, "per_device_train_batch_size", None),
+        "learning rate (peak)": getattr(args, "learning_rate", None),
     }
-    logged = [log for log in state.log_history if "stts_kept_fraction" in log and "loss" in log]
+    details: dict[str, float | int | str] = {k: v for k, v in fields.items() if v is not None}
+    logged = [log for log in getattr(state, "log_history", None) or [] if "stts_kept_fraction" in log and "loss" in log]
     if logged:
         last = logged[-1]
         details["kept fraction (last logged)"] = round(last["stts_kept_fraction"], 4)
