@@ -6,12 +6,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AdapterLoadError, STTSConfigError
-from .files import resolve_adapter_file
+from .files import parse_json, read_small_file, resolve_adapter_file, write_file_atomically
 from .losses import AUX_LOSSES
 
 WEIGHTS_HASH = "weights_sha256"
@@ -19,6 +20,8 @@ WEIGHTS_HASH = "weights_sha256"
 # time, before a loader allocates a scorer for them.
 MAX_SCORER_HIDDEN_SIZE = 65536
 MAX_SCORER_HEADS = 1024
+MAX_CONFIG_BYTES = 1 << 20  # a saved config is ~1 KB; a larger file is not one
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MIN_BIAS_MIN = 1e-6  # a key bias of at least log(1e-6) = -13.8: finite outputs and gradients in float16 too
 CONFIG_NAME = "stts_config.json"
 METHODS = ("scorer", "random", "similarity")
@@ -158,7 +161,10 @@ class STTSConfig:
     stts_adapter_version: str | None = field(default=None, metadata={"help": "Library version that saved it."})
     weights_sha256: str | None = field(
         default=None,
-        metadata={"help": "sha256 of the weights file saved with this config: a load checks they belong together."},
+        metadata={
+            "help": "sha256 of the tensor data saved with this config (the weights file states it too): a load "
+            "checks they belong together."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -217,6 +223,19 @@ class STTSConfig:
                 value is None or (_is_int(value) and 0 < value <= cap), name, value, f"None or an integer in 1..{cap}"
             )
         _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer with 0 <= seed < 2**63")
+        for name in ("architecture", "base_model_class", "base_model_name_or_path", "stts_adapter_version"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), name, value, "None or a string")
+        for name in ("vision_hidden_size", "num_vision_blocks", "patches_per_unit"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value > 0), name, value, "None or an integer > 0")
+        _check(
+            self.weights_sha256 is None
+            or (isinstance(self.weights_sha256, str) and SHA256_HEX.fullmatch(self.weights_sha256) is not None),
+            "weights_sha256",
+            self.weights_sha256,
+            "None or 64 lowercase hexadecimal digits",
+        )
 
     # ----------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -256,9 +275,13 @@ class STTSConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the config as `stts_config.json` into `save_directory` (created if missing)."""
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_file_atomically(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode("utf-8"))
+
+    def to_json_string(self) -> str:
+        """Returns:
+        `str`: the config as the indented, key-sorted JSON that `save_pretrained` writes.
+        """
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_pretrained(
@@ -281,20 +304,23 @@ class STTSConfig:
         """Read a config written by `save_pretrained`.
 
         Raises:
-            AdapterLoadError: if the file is not valid JSON.
+            AdapterLoadError: if it is not a regular file of strict JSON (no duplicate keys, no NaN) holding a valid
+                config.
         """
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise AdapterLoadError(
-                f"{path} is not a valid STTS config (not valid JSON: {exc}). Re-save the adapter with "
-                "STTSModel.save_pretrained or fix the file."
-            ) from exc
+        return cls.from_json_text(read_small_file(path, MAX_CONFIG_BYTES), os.fspath(path))
+
+    @classmethod
+    def from_json_text(cls, text: str | bytes, source: str) -> STTSConfig:
+        """Parse a saved config strictly (see `from_json_file`); `source` names it in errors.
+
+        Raises:
+            AdapterLoadError: naming `source` and what is wrong.
+        """
+        values = parse_json(text, source)
         try:
             return cls.from_dict(values)
         except (STTSConfigError, TypeError) as exc:
-            raise AdapterLoadError(f"{path} is not a valid STTS config: {exc}") from exc
+            raise AdapterLoadError(f"{source} is not a valid STTS config: {exc}") from exc
 
 
 def _is_number(value: Any) -> bool:
@@ -307,4 +333,13 @@ def _is_int(value: Any) -> bool:
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise STTSConfigError(f"STTSConfig.{name}={value!r} is invalid: expected {allowed}.")
+        raise STTSConfigError(f"STTSConfig.{name}={_short_repr(value)} is invalid: expected {allowed}.")
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """`repr(value)`, cut to `limit` characters (a hostile config can hold huge strings or numbers)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long for repr
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -6,9 +6,10 @@ base model is touched, so a failed load leaves it unchanged.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import HfApi
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
-from .config import CONFIG_NAME, WEIGHTS_HASH, STTSConfig
-from .errors import AdapterLoadError
-from .files import resolve_adapter_file
+from .config import CONFIG_NAME, STTSConfig
+from .errors import AdapterLoadError, STTSConfigError
+from .files import RegularFile, parse_json, resolve_adapter_file, write_file_atomically
 from .registry import find_architecture, unwrap_peft
 from .scorer import build_scorer
 
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .model import STTSModel
+    from .registry import VisionSpec
 
 WEIGHTS_NAME = "stts_model.safetensors"
-EMBEDDED_CONFIG = "stts_config"  # the safetensors header key holding the weights' own config (JSON)
+EMBEDDED_CONFIG = "stts_config"  # the safetensors header's metadata key holding the weights' own config (JSON)
+DATA_HASH = "stts_data_sha256"  # ... and the one holding the sha256 of their tensor data
 SCORER_PREFIX = "scorer."
 
 
@@ -75,11 +78,11 @@ def write_adapter(
 ) -> None:
     """Write an adapter folder so that a reader always finds the old adapter or the new one, whole.
 
-    Every file is written to a temporary file in the folder and renamed over its target (a rename is atomic and
-    replaces a symlink at the target instead of writing through it). The weights go first and carry their own
-    config in the safetensors header; `stts_config.json` goes next and records the weights' sha256. A process
-    killed between the two leaves new weights beside the old config: the loader sees the hash differ and takes the
-    config the weights carry.
+    Every file is written atomically (`files.write_file_atomically`). The weights go first and carry, in their
+    safetensors header, their own config and the sha256 of their tensor data; `stts_config.json` goes next and
+    records the same sha256; the model card comes last. A load pairs the two from their headers: a config that
+    records another hash belongs to another save (one killed between the two renames), so the config the weights
+    carry is used. The data is checked against the hash when it is read.
 
     Args:
         save_directory: created if missing.
@@ -90,28 +93,19 @@ def write_adapter(
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; pass a directory.")
     os.makedirs(save_directory, exist_ok=True)
-    config_json = json.dumps({**config.to_dict(), WEIGHTS_HASH: None}, indent=2, sort_keys=True)
-    weights = save(tensors, metadata={"format": "pt", EMBEDDED_CONFIG: config_json})
-    _write_atomically(os.path.join(save_directory, WEIGHTS_NAME), weights)
-    manifest = {**config.to_dict(), WEIGHTS_HASH: hashlib.sha256(weights).hexdigest()}
-    manifest_json = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _write_atomically(os.path.join(save_directory, CONFIG_NAME), manifest_json.encode())
-    _write_atomically(os.path.join(save_directory, "README.md"), model_card(config, training).encode("utf-8"))
+    data_sha256 = hashlib.sha256(_tensor_data(save(tensors))).hexdigest()
+    config = dataclasses.replace(config, weights_sha256=data_sha256)
+    embedded = dataclasses.replace(config, weights_sha256=None).to_json_string()
+    metadata = {"format": "pt", EMBEDDED_CONFIG: embedded, DATA_HASH: data_sha256}
+    weights = save(tensors, metadata=metadata)  # the metadata changes the header, not the data
+    write_file_atomically(os.path.join(save_directory, WEIGHTS_NAME), weights)
+    write_file_atomically(os.path.join(save_directory, CONFIG_NAME), config.to_json_string().encode("utf-8"))
+    write_file_atomically(os.path.join(save_directory, "README.md"), model_card(config, training).encode("utf-8"))
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """`data` into a new temporary file beside `path`, synced, then renamed over `path`."""
-    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".partial")
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
+def _tensor_data(safetensors_file: bytes) -> bytes:
+    """The tensor data of a safetensors file: what follows its 8-byte header length and its header."""
+    return safetensors_file[8 + int.from_bytes(safetensors_file[:8], "little") :]
 
 
 def load_adapter(
@@ -125,21 +119,26 @@ def load_adapter(
     """Check and load an adapter onto `model`. See `STTSModel.from_pretrained`."""
     config_path = resolve_adapter_file(path_or_repo_id, CONFIG_NAME, revision, token)
     weights_path = resolve_adapter_file(path_or_repo_id, WEIGHTS_NAME, revision, token)
-    config = _config_of_weights(config_path, weights_path)
+    # The config is read before the weights are opened: a save replaces the weights first, so weights opened later
+    # are at least as new as the config, and the hashes tell whether they are the config's own.
+    saved_config = STTSConfig.from_json_file(config_path)
 
     transformers_model = unwrap_peft(model)
     entry = find_architecture(transformers_model)
     spec = entry.vision_spec(transformers_model)
-    _check_fits(config, entry.name, type(transformers_model).__name__, spec, path_or_repo_id)
-
-    with torch.device("meta"):  # shapes only: nothing is allocated for a config that asks for a huge scorer
-        expected = build_scorer(config, spec)
-    expected_shapes = {} if expected is None else {SCORER_PREFIX + k: v.shape for k, v in expected.state_dict().items()}
-    _check_tensors(_read_header(weights_path), expected_shapes, weights_path)  # before reading any tensor data
-    tensors = _read_safetensors(weights_path)
+    source = os.fspath(path_or_repo_id)
+    with RegularFile(weights_path) as weights:
+        header = read_weights_header(weights)
+        config = _config_of_weights(saved_config, header, weights_path, source)
+        _check_fits(config, entry.name, type(transformers_model).__name__, spec, source)
+        _check_tensors(header, _expected_shapes(config, spec, source), weights_path)  # before reading any data
+        tensors = _read_tensors(weights, header)
     _check_values(tensors, weights_path)
 
-    stts_model = model_class(model, config)
+    try:
+        stts_model = model_class(model, config)  # its own checks (e.g. prune_layer) run before it changes the model
+    except STTSConfigError as exc:
+        raise AdapterLoadError(f"The STTS adapter {source!r} cannot be used on this model: {exc}") from exc
     if config.base_model_name_or_path:  # keep the id the adapter was trained on, not a local path it was loaded from
         stts_model.stts_config.base_model_name_or_path = config.base_model_name_or_path
     if stts_model.scorer is not None:
@@ -284,54 +283,124 @@ def _load_snippet(config: STTSConfig, model_class: str | None, base_name: str) -
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _config_of_weights(config_path: str, weights_path: str) -> STTSConfig:
-    """The config that belongs to the weights: `stts_config.json` when it records their hash (or no hash: written by
-    an older version), else the config the weights carry (the JSON is from another save: an interrupted one)."""
-    config = STTSConfig.from_json_file(config_path)
-    recorded = config.weights_sha256
-    if recorded is None or recorded == _sha256(weights_path):
-        return config
-    embedded = _embedded_config(weights_path)
-    if embedded is None:  # weights written by other means: the checks of the tensors against the config decide
-        return config
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its dtype name ("F32", ...), shape and byte range in the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsHeader:
+    """The parsed header of a safetensors file: its tensors by name, its `__metadata__` strings, where the data
+    starts."""
+
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+
+
+MAX_HEADER_BYTES = 16 << 20  # ours are a few KB (names, shapes, the embedded config); safetensors allows 100 MB
+# The dtypes a scorer's weights may be stored in (cast to the scorer's dtype on load), with their sizes in bytes.
+# Integer, bool, complex or 8-bit float tensors are refused, not cast: no scorer is saved like that.
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+MAX_NAMES_SHOWN = 10
+
+
+def read_weights_header(weights: RegularFile) -> WeightsHeader:
+    """Parse and check the header of a safetensors file without reading tensor data: its length against the file,
+    strict JSON, the type of every entry, and byte ranges that tile the data exactly (the file holds what the header
+    says, no more and no less).
+
+    Args:
+        weights (`RegularFile`): the open weights file.
+
+    Returns:
+        `WeightsHeader`
+
+    Raises:
+        AdapterLoadError: naming what is wrong.
+    """
+    if weights.size < 8:
+        raise _damaged(weights.path, f"it has {weights.size} bytes, fewer than a safetensors header's length field")
+    length = int.from_bytes(weights.read(0, 8), "little")
+    if length > MAX_HEADER_BYTES or 8 + length > weights.size:
+        raise _damaged(weights.path, f"its header claims {length} bytes, but the file has {weights.size}")
+    raw = parse_json(weights.read(8, length), f"The safetensors header of {weights.path}")
+    if not isinstance(raw, dict):
+        raise _damaged(weights.path, "its header is not a JSON object")
+    metadata = raw.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _damaged(weights.path, "its __metadata__ is not an object of strings")
+    tensors = {name: _tensor_entry(name, value, weights.path) for name, value in raw.items()}
+    _check_layout(tensors, weights.size - 8 - length, weights.path)
+    return WeightsHeader(tensors, metadata, 8 + length)
+
+
+def _tensor_entry(name: str, value: Any, path: str) -> TensorEntry:
+    """One header entry, type-checked: {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [start, end]}."""
+    ok = isinstance(value, dict) and set(value) == {"dtype", "shape", "data_offsets"}
+    ok = ok and isinstance(value["dtype"], str) and isinstance(value["shape"], list)
+    ok = ok and isinstance(value["data_offsets"], list) and len(value["data_offsets"]) == 2
+    ok = ok and all(_is_count(n) for n in [*value["shape"], *value["data_offsets"]])
+    if not ok:
+        raise _damaged(path, f"its header entry for {name[:200]!r} is malformed")
+    start, end = value["data_offsets"]
+    return TensorEntry(value["dtype"], tuple(value["shape"]), start, end)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(tensors: dict[str, TensorEntry], data_size: int, path: str) -> None:
+    """The tensors' byte ranges follow each other from 0 to the end of the data, without gaps or overlaps."""
+    position = 0
+    for entry in sorted(tensors.values(), key=lambda e: (e.start, e.end)):
+        if entry.start != position or entry.end < entry.start:
+            raise _damaged(path, "its header's byte ranges overlap or leave gaps")
+        position = entry.end
+    if position != data_size:
+        raise _damaged(path, f"its header describes {position} bytes of tensor data, but the file holds {data_size}")
+
+
+def _damaged(path: str, reason: str) -> AdapterLoadError:
+    return AdapterLoadError(
+        f"{path} is not a valid safetensors file ({reason}); it may be truncated or corrupted. Download or save the "
+        "adapter again."
+    )
+
+
+def _config_of_weights(saved: STTSConfig, header: WeightsHeader, path: str, source: str) -> STTSConfig:
+    """The config that belongs to the weights: `stts_config.json`'s (with any edit made to it) when it records the
+    data hash the weights state, or when the weights carry no config (saved by other means); else the config the
+    weights carry, with a warning (the JSON was written by another save: an interrupted one, or another adapter's)."""
+    embedded_text = header.metadata.get(EMBEDDED_CONFIG)
+    if embedded_text is None:
+        return saved
+    if saved.weights_sha256 is not None and saved.weights_sha256 == header.metadata.get(DATA_HASH):
+        return saved
+    embedded = STTSConfig.from_json_text(embedded_text, f"The config inside {path}")
+    if dataclasses.replace(embedded, weights_sha256=None) == dataclasses.replace(saved, weights_sha256=None):
+        return saved  # the same adapter whichever is read: nothing to warn about
     warnings.warn(
-        f"{config_path} belongs to another save than {weights_path} (an interrupted save_pretrained?); using the "
-        "config stored with the weights. Save the adapter again to make the folder consistent.",
-        stacklevel=3,
+        f"The stts_config.json of the STTS adapter {source!r} does not belong to its {WEIGHTS_NAME} (written by "
+        "another save: one interrupted between the two files, or another adapter's), so the config saved inside "
+        f"{WEIGHTS_NAME} is used. Save the adapter again to make the two agree.",
+        stacklevel=4,
     )
     return embedded
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _embedded_config(weights_path: str) -> STTSConfig | None:
-    """The config a weights file written by `write_adapter` carries (None: none, or unreadable: reading the tensors
-    reports that)."""
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            text = (f.metadata() or {}).get(EMBEDDED_CONFIG)
-    except (SafetensorError, OSError, ValueError):
-        return None
-    if text is None:
-        return None
-    try:
-        return STTSConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise AdapterLoadError(f"The config stored in {weights_path} is not valid: {exc}") from exc
-
-
-def _check_fits(config: STTSConfig, architecture: str, model_class: str, spec: Any, source: Any) -> None:
+def _check_fits(config: STTSConfig, architecture: str, model_class: str, spec: VisionSpec, source: str) -> None:
     made_for = (config.architecture, config.vision_hidden_size, config.num_vision_blocks, config.patches_per_unit)
     given = (architecture, spec.hidden_size, spec.num_blocks, spec.patches_per_unit)
     if made_for != given:
         raise AdapterLoadError(
-            f"The STTS adapter {os.fspath(source)!r} was made for {config.base_model_class} "
+            f"The STTS adapter {source!r} was made for {config.base_model_class} "
             f"({config.base_model_name_or_path or 'unnamed'}; architecture {config.architecture}, ViT width "
             f"{config.vision_hidden_size}, {config.num_vision_blocks} blocks, {config.patches_per_unit} patches per "
             f"unit), but the model given is {model_class} (architecture {architecture}, ViT width "
@@ -340,52 +409,71 @@ def _check_fits(config: STTSConfig, architecture: str, model_class: str, spec: A
         )
 
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes a scorer's weights may have
-
-
-def _read_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """`{name: (shape, safetensors dtype)}` from the file's header, without reading tensor data."""
+def _expected_shapes(config: STTSConfig, spec: VisionSpec, source: str) -> dict[str, tuple[int, ...]]:
+    """The shapes of the scorer `config` describes on this ViT, from a scorer built on the meta device (nothing is
+    allocated for a config that asks for a huge one)."""
     try:
-        with safe_open(path, framework="pt") as f:
-            return {
-                key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
-                for key in f.keys()  # noqa: SIM118 (safe_open is not a dict)
-            }
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterLoadError(
-            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted. Download or "
-            "save the adapter again."
-        ) from exc
+        with torch.device("meta"):
+            scorer = build_scorer(config, spec)
+    except STTSConfigError as exc:
+        raise AdapterLoadError(f"The STTS adapter {source!r} cannot be used on this model: {exc}") from exc
+    return {} if scorer is None else {SCORER_PREFIX + k: tuple(v.shape) for k, v in scorer.state_dict().items()}
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterLoadError(
-            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted. Download or "
-            "save the adapter again."
-        ) from exc
-
-
-def _check_tensors(header: dict[str, tuple[tuple[int, ...], str]], expected: dict[str, torch.Size], path: str) -> None:
-    """The file holds exactly the scorer its config describes: the same names and shapes, float dtypes."""
-    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(header) if header[k][0] != tuple(expected[k]))
+def _check_tensors(header: WeightsHeader, expected: dict[str, tuple[int, ...]], path: str) -> None:
+    """The file holds exactly the scorer its config describes: the same names and shapes, float dtypes, and byte
+    ranges of the size their shapes need."""
+    tensors = header.tensors
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    common = sorted(set(expected) & set(tensors))
+    wrong = [
+        f"{k}: file {_shape(tensors[k].shape)} vs expected {expected[k]}"
+        for k in common
+        if tensors[k].shape != expected[k]
+    ]
     if missing or unexpected or wrong:
-        details = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else ""]
-        details += [f"{k}: file {header[k][0]} vs expected {tuple(expected[k])}" for k in wrong]
+        details = [
+            f"missing {_names(missing)}" if missing else "",
+            f"unexpected {_names(unexpected)}" if unexpected else "",
+        ]
         raise AdapterLoadError(
-            f"{path} does not match the scorer its config describes ({'; '.join(d for d in details if d)}). The "
-            "weights and stts_config.json come from different adapters, or the file was edited."
+            f"{path} does not match the scorer its config describes ({'; '.join(d for d in [*details, *wrong] if d)}). "
+            "The weights and stts_config.json come from different adapters, or the file was edited."
         )
-    not_float = sorted(f"{k} ({dtype})" for k, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES)
+    not_float = sorted(f"{k} ({tensors[k].dtype})" for k in common if tensors[k].dtype not in FLOAT_DTYPES)
     if not_float:
         raise AdapterLoadError(
-            f"{path} holds non-float tensors where the scorer's float weights belong: {not_float}. It was not written "
-            "by save_pretrained; save the adapter again."
+            f"{path} holds tensors of non-float dtypes where the scorer's float weights belong: {not_float}; they are "
+            f"refused, not cast. A scorer is saved in one of {sorted(FLOAT_DTYPES)}: save the adapter again."
         )
+    for name in common:
+        entry = tensors[name]
+        if entry.end - entry.start != math.prod(entry.shape) * FLOAT_DTYPES[entry.dtype]:
+            raise _damaged(path, f"its header gives {name} {entry.end - entry.start} bytes for shape {entry.shape}")
+
+
+def _names(names: list[str]) -> str:
+    """Tensor names for a message, cut short (a hostile header can hold thousands of long ones)."""
+    shown = [name[:200] for name in names[:MAX_NAMES_SHOWN]]
+    return f"{shown}" + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    """A shape for a message, cut short (a hostile header can give a tensor 100000 dimensions)."""
+    return str(shape) if len(shape) <= 8 else f"{str(shape[:8])[:-1]}, ... ({len(shape)} dimensions))"
+
+
+def _read_tensors(weights: RegularFile, header: WeightsHeader) -> dict[str, torch.Tensor]:
+    """Every tensor of the checked weights file, read through the descriptor its header was read from, after checking
+    the data against the sha256 the header states (a bit flipped on disk or in a download, or an edit)."""
+    content = weights.read(0, weights.size)
+    stated = header.metadata.get(DATA_HASH)
+    if stated is not None and hashlib.sha256(content[header.data_start :]).hexdigest() != stated:
+        raise _damaged(weights.path, "its tensor data does not match the sha256 its header states")
+    try:
+        return load(content)
+    except (SafetensorError, ValueError) as exc:
+        raise _damaged(weights.path, str(exc)) from exc
 
 
 def _check_values(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -393,5 +481,6 @@ def _check_values(tensors: dict[str, torch.Tensor], path: str) -> None:
     bad = sorted(k for k, tensor in tensors.items() if not bool(torch.isfinite(tensor).all()))
     if bad:
         raise AdapterLoadError(
-            f"{path} holds NaN or infinite values in {bad}; the adapter is broken. Train or save it again."
+            f"{path} holds NaN or infinite values in {_names(bad)}; the scorer it was saved from had diverged. Load "
+            "an earlier checkpoint of the adapter, or train it again (e.g. with a lower learning rate)."
         )

@@ -121,9 +121,11 @@ def test_safetensors_holds_only_the_scorer_under_logical_names(saved_adapter):
         assert torch.equal(tensors["scorer." + key], tensor)
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    assert set(metadata) == {"format", "stts_config"} and metadata["format"] == "pt"
+    assert set(metadata) == {"format", "stts_config", "stts_data_sha256"} and metadata["format"] == "pt"
     saved_config = json.loads((directory / "stts_config.json").read_text())
     assert json.loads(metadata["stts_config"]) == {**saved_config, "weights_sha256": None}  # the weights' own config
+    data = path.read_bytes()[8 + int.from_bytes(path.read_bytes()[:8], "little") :]
+    assert metadata["stts_data_sha256"] == saved_config["weights_sha256"] == hashlib.sha256(data).hexdigest()
     # Only the scorer: a few hundred KB at most for the tiny model, and nothing but a small header beyond the payload.
     payload = sum(t.numel() * t.element_size() for t in scorer_state.values())
     size = path.stat().st_size
@@ -218,7 +220,8 @@ def test_round_trip_of_a_trained_scorer_reproduces_logits_and_kept_sets(load, tm
     saved = {k: v for k, v in loaded.stts_config.to_dict().items() if k not in written_at_save}
     assert saved == {k: v for k, v in stts.stts_config.to_dict().items() if k not in written_at_save}
     weights = (tmp_path / "adapter" / WEIGHTS_FILE).read_bytes()
-    assert loaded.stts_config.weights_sha256 == hashlib.sha256(weights).hexdigest()
+    data = weights[8 + int.from_bytes(weights[:8], "little") :]  # the tensor data, after the header
+    assert loaded.stts_config.weights_sha256 == hashlib.sha256(data).hexdigest()
     assert loaded.stts_config.stts_adapter_version == stts_adapter.__version__
 
 
@@ -509,7 +512,7 @@ def test_a_config_asking_for_a_huge_scorer_is_refused_before_anything_is_allocat
 def test_a_deeply_nested_config_is_an_adapter_load_error(saved_adapter, load, content):
     directory, _ = saved_adapter
     (directory / "stts_config.json").write_text(content)
-    refuse(load(), directory, "not a valid STTS config")
+    refuse(load(), directory, r"stts_config\.json is not valid JSON \(nested too deeply\)")
 
 
 HOSTILE_NAMES = [
