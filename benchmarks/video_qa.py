@@ -311,6 +311,9 @@ class Row:
         frame_stride (`int`): keep every n-th frame of the video before anything else (the long set's baseline
             samples half the frames, as a fixed frame budget does).
         options (`tuple`): `(field, value)` pairs overriding `STTSConfig` defaults: the ablations.
+        two_phase (`bool`): trained regime only: the scorer alone on the frozen base for the row's steps, then the base
+            alone with the scorer frozen for as many steps (`STTSModel.set_trainable`, as
+            `STTSCallback(scorer_first_steps=...)` does).
     """
 
     name: str
@@ -319,6 +322,12 @@ class Row:
     task: str = "static"
     frame_stride: int = 1
     options: tuple[tuple[str, Any], ...] = ()
+    two_phase: bool = False
+
+    @property
+    def regimes(self) -> tuple[str, ...]:
+        """A two-phase row is the lm-penalty row in the frozen regime (its second phase would train nothing)."""
+        return ("trained",) if self.two_phase else REGIMES
 
     @property
     def prunes(self) -> bool:
@@ -360,6 +369,10 @@ def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
         Row(f"{prefix}stts-{percent}-lm-penalty", "scorer", percent / 100, task, options=LM_PENALTY)
         for percent in (50, 80)
     ]
+    rows += [
+        Row(f"{prefix}stts-{percent}-two-phase", "scorer", percent / 100, task, options=LM_PENALTY, two_phase=True)
+        for percent in (50, 80)
+    ]
     if ablations:
         rows += [Row(f"{prefix}stts-50-{name}", "scorer", 0.5, task, options=options) for name, options in ABLATIONS]
     return rows
@@ -373,6 +386,7 @@ ROWS = {
         Row("long-baseline", "none", task="long", frame_stride=2),
         Row("long-stts-50-2x", "scorer", 0.5, task="long"),
         Row("long-stts-50-2x-lm-penalty", "scorer", 0.5, task="long", options=LM_PENALTY),
+        Row("long-stts-50-2x-two-phase", "scorer", 0.5, task="long", options=LM_PENALTY, two_phase=True),
     )
 }
 QUICK_ROWS = ("baseline", "stts-50")
@@ -493,6 +507,11 @@ class Curves:
     aux_loss: list[float] = field(default_factory=list)
     saturated_fraction: list[float] = field(default_factory=list)
     scorer_grad_norm: list[float] = field(default_factory=list)
+
+    def extend(self, other: Curves) -> None:
+        """Append the curves of a later phase of the same run."""
+        for name in asdict(self):
+            getattr(self, name).extend(getattr(other, name))
 
     def summary(self) -> dict[str, float]:
         return {k: v for name in asdict(self) for k, v in first_and_last(name, getattr(self, name)).items()}
@@ -690,9 +709,15 @@ def run(job: Job, train: TrainSettings, eval_split: str, threads: int) -> dict[s
     model = build_model(row, job.regime, job.seed, job.init, train)
     torch.manual_seed(20_000 + job.seed)  # the random method draws its training-time masks from torch's RNG
     curves = Curves()
-    if job.regime == "trained" or row.trains_in_frozen_regime:
-        label = f"{job.row} {job.regime} seed {job.seed}"
-        curves = train_steps(model, row, clip_stream("train", job.seed, video), train.steps, train.lr, train, label)
+    label = f"{job.row} {job.regime} seed {job.seed}"
+    stream = clip_stream("train", job.seed, video)
+    if row.two_phase:
+        model.set_trainable(scorer=True, base=False)
+        curves = train_steps(model, row, stream, train.steps, train.lr, train, f"{label}, scorer phase")
+        model.set_trainable(scorer=False, base=True)
+        curves.extend(train_steps(model, row, stream, train.steps, train.lr, train, f"{label}, base phase"))
+    elif job.regime == "trained" or row.trains_in_frozen_regime:
+        curves = train_steps(model, row, stream, train.steps, train.lr, train, label)
     clips = clip_set(eval_split, train.eval_size, video)
     if job.picture:
         draw_kept_units(model, picture_clips(clips), row, job.picture)
@@ -823,6 +848,24 @@ CLAIMS = (
         0,
         False,
     ),
+    ("two-phase: STTS-50% within 1 point of the baseline", "stts-50-two-phase", "baseline", -1.0, True),
+    ("two-phase: STTS-50% >= similarity-50%", "stts-50-two-phase", "similarity-50", 0.0, True),
+    ("two-phase: STTS-80% >= similarity-80% - 1", "stts-80-two-phase", "similarity-80", -1.0, True),
+    ("two-phase: STTS-80% >= random-80% + 10", "stts-80-two-phase", "random-80", 10.0, True),
+    (
+        "two-phase: distractors: STTS-50% >= similarity-50% + 5",
+        "distractor-stts-50-two-phase",
+        "distractor-similarity-50",
+        5.0,
+        True,
+    ),
+    (
+        "two-phase: test-time scaling (STTS, 2x frames, 50%) beats the baseline",
+        "long-stts-50-2x-two-phase",
+        "long-baseline",
+        0,
+        False,
+    ),
 )
 
 
@@ -877,7 +920,10 @@ def markdown(report: dict[str, Any]) -> str:
         "the row keeps. Subsampling keeps 1 temporal slot in 2 (50%) or 5 (80%). Ablations of STTS-50: aux-only "
         "(`key_bias=False`: no LM gradient reaches the scorer), lm-only (`aux_loss_weight=0`), mse (the paper's "
         "aux loss, `aux_loss='mse'`). lm-penalty rows: STTS trained by the LM loss alone "
-        "(`aux_loss_weight=0`) with `logit_penalty_weight=0.01`, which keeps its logits unsaturated.",
+        "(`aux_loss_weight=0`) with `logit_penalty_weight=0.01`, which keeps its logits unsaturated. two-phase rows "
+        f"(trained regime only): the lm-penalty scorer trained alone on the frozen init for {train['steps']} steps, "
+        f"then the base trained with the scorer frozen for {train['steps']} steps (as many base-training steps as "
+        "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`).",
     ]
     for task in TASKS:
         names = [
@@ -1030,6 +1076,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite video_qa.md and video_qa.png from --out/video_qa.json"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="run --rows only and put their runs into --out/video_qa.json in place of any earlier runs of them (the "
+        "report must have the same settings, split and seeds); the tables are recomputed from all runs",
+    )
     return parser.parse_args(argv)
 
 
@@ -1059,7 +1111,7 @@ def plan(
     evaluation only) so that the workers finish together."""
     jobs = []
     for row in rows:
-        for regime in regimes:
+        for regime in (r for r in regimes if r in row.regimes):
             for seed in seeds:
                 picture = PICTURE_ROWS.get(row.name) if regime == "frozen" and seed == seeds[0] else None
                 init = inits[INIT_OF_TASK[row.task]]
@@ -1067,9 +1119,21 @@ def plan(
 
     def cost(job: Job) -> int:
         row = ROWS[job.row]
-        return 2 if job.regime == "trained" else int(row.trains_in_frozen_regime)
+        return 3 if row.two_phase else 2 if job.regime == "trained" else int(row.trains_in_frozen_regime)
 
     return sorted(jobs, key=cost, reverse=True)
+
+
+def earlier_runs(args: argparse.Namespace, train: TrainSettings, seeds: Sequence[int]) -> dict[str, Any]:
+    """The report in `--out` that `--merge` adds to, refused unless it was made with the same settings."""
+    if not args.rows:
+        raise SystemExit("--merge needs --rows: the rows to run again or to add.")
+    with open(os.path.join(args.out, "video_qa.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    same = (report["train"], report["eval_split"], report["quick"]) == (asdict(train), args.eval_split, args.quick)
+    if not same or sorted({r["seed"] for r in report["runs"]}) != sorted(seeds):
+        raise SystemExit(f"--merge: {args.out}/video_qa.json was made with other settings, split or seeds.")
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -1088,15 +1152,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     workers = max(1, args.jobs)
     inits = pretrain_all(sorted({INIT_OF_TASK[row.task] for row in rows}), train, args.cache, workers)
+    earlier = earlier_runs(args, train, seeds) if args.merge else {"runs": [], "seconds": 0.0}
     jobs = plan(rows, regimes, seeds, inits, args.out)
     results = run_all(jobs, train, args.eval_split, workers)
+    replaced = {(job.row, job.regime) for job in jobs}
+    results = [r for r in earlier["runs"] if (r["row"], r["regime"]) not in replaced] + results
+    if args.merge:
+        rows = [row for row in ROWS.values() if any(r["row"] == row.name for r in results)]
     summary = summarize(results, rows)
     report = {
         "machine": machine(),
         "workers": workers,
         "quick": args.quick,
         "eval_split": args.eval_split,
-        "seconds": time.perf_counter() - started,
+        "seconds": earlier["seconds"] + time.perf_counter() - started,
         "tasks": {task: asdict(video) for task, video in TASKS.items()},
         "train": asdict(train),
         "runs": results,

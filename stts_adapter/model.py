@@ -89,6 +89,9 @@ class STTSModel(nn.Module):
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
+        # What "the base trains" means for set_trainable: every base parameter with train_base_model, a PeftModel's
+        # adapter weights, nothing otherwise.
+        self._trainable_base_names = frozenset(name for name, p in model.named_parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _mirror_forward_signature(self, model: nn.Module) -> None:
@@ -413,6 +416,40 @@ class STTSModel(nn.Module):
         return self.base_model
 
     # ------------------------------------------------------------------------------------------ parameters
+    def set_trainable(self, scorer: bool, base: bool) -> None:
+        """Choose what trains (sets `requires_grad`): the scorer, the base model's trainable parameters, or both.
+
+        "The base model's trainable parameters" are those that were trainable once STTS was applied: every base
+        parameter with `train_base_model=True`, the adapter weights (e.g. LoRA) of a PeftModel, none otherwise. This
+        is the switch of a two-phase schedule (see `STTSCallback(scorer_first_steps=...)`): first the scorer alone
+        on the frozen base, then the base with the scorer frozen. A scorer keeps what it learned on a frozen base
+        only while it stays frozen itself: trained on together with the base, it un-learns (README, "What the LM
+        gradient learns").
+
+        Build the optimizer before the first switch, while everything that will train is trainable: optimizers skip
+        parameters without a gradient, but the Trainer and `stts_parameter_groups` leave out those that do not
+        require one when they are built. Not under FSDP, which flattens parameters at wrap time.
+
+        Args:
+            scorer (`bool`): whether the scorer trains.
+            base (`bool`): whether the base model's trainable parameters train.
+
+        Raises:
+            ValueError: if `base=True` and no base parameter was trainable after `apply_stts` (pass
+                `train_base_model=True`, or wrap a PeftModel).
+        """
+        self._check_loaded()
+        if base and not self._trainable_base_names:
+            raise ValueError(
+                "set_trainable(base=True): no base-model parameter was trainable after apply_stts. Apply STTS with "
+                "STTSConfig(train_base_model=True) to train the whole base model, or wrap a PeftModel (e.g. LoRA)."
+            )
+        if self.scorer is not None:
+            self.scorer.requires_grad_(scorer)
+        for name, parameter in self.base_model.named_parameters():
+            if name in self._trainable_base_names:
+                parameter.requires_grad_(base)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """Returns:
         `(trainable, total)` parameter counts of the whole model, scorer included.

@@ -336,11 +336,20 @@ class STTSCallback(TrainerCallback):
             STTS adapter to `checkpoint-N/stts_adapter/` and, when the base model is a `PeftModel`, the PEFT adapter to
             `checkpoint-N/peft_adapter/`. The Trainer's own checkpoint files (which it needs to resume) are unchanged.
         prefix (`str`, *optional*, defaults to `"stts_"`): prefix of the logged keys.
+        scorer_first_steps (`int`, *optional*, defaults to 0): a two-phase schedule (ours) when > 0: for the first
+            `scorer_first_steps` optimizer steps only the scorer trains (the base model frozen), then only the base
+            model's trainable parameters (the scorer frozen), with `STTSModel.set_trainable`. It needs a trainable
+            base (`train_base_model=True` or a PeftModel). On the project's benchmark this is what keeps a learned
+            scorer's gain once the base trains: trained together, the scorer un-learns what it learned (README).
+            A resumed run picks the phase of its checkpoint's step. Not under FSDP.
     """
 
-    def __init__(self, save_adapters: bool = True, prefix: str = "stts_") -> None:
+    def __init__(self, save_adapters: bool = True, prefix: str = "stts_", scorer_first_steps: int = 0) -> None:
+        if not (isinstance(scorer_first_steps, int) and scorer_first_steps >= 0):
+            raise ValueError(f"scorer_first_steps must be an integer >= 0, got {scorer_first_steps!r}.")
         self.save_adapters = save_adapters
         self.prefix = prefix
+        self.scorer_first_steps = scorer_first_steps
         self._model: STTSModel | None = None
         self._handle = None
         self._train = _ReportStats()
@@ -377,6 +386,23 @@ class STTSCallback(TrainerCallback):
         if model is not None:
             self.attach(model)  # added after the Trainer was built (add_stts_callback, trainer.add_callback)
         self._train.reset()
+        if self.scorer_first_steps and self._model is not None:
+            if _is_sharded(model if model is not None else self._model):
+                raise ValueError(
+                    "STTSCallback(scorer_first_steps=...) switches requires_grad between phases, which FSDP does not "
+                    "allow after wrapping. Run the two phases as two trainings instead (train_base_model=False, "
+                    "then set_trainable(scorer=False, base=True) before wrapping again)."
+                )
+            self._set_phase(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.scorer_first_steps and state.global_step == self.scorer_first_steps:
+            self._set_phase(state.global_step)
+
+    def _set_phase(self, step: int) -> None:
+        """The scorer alone before `scorer_first_steps`, the base alone from then on."""
+        scorer_phase = step < self.scorer_first_steps
+        self._model.set_trainable(scorer=scorer_phase, base=not scorer_phase)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self._model is not None:

@@ -385,3 +385,67 @@ def test_gradient_accumulation_equals_one_bigger_batch(load, tmp_path, family):
     assert max(v.abs().max() for v in one_batch.values()) > 1e-3
     for key in one_batch:
         torch.testing.assert_close(accumulated[key], one_batch[key], atol=1e-6, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- two phases
+class ParameterSnapshots(TrainerCallback):
+    """The scorer's and the base model's weights after every optimizer step."""
+
+    def __init__(self, model) -> None:
+        self.model, self.steps = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        scorer = {n: p.detach().clone() for n, p in self.model.scorer.named_parameters()}
+        base = {n: p.detach().clone() for n, p in self.model.base_model.named_parameters()}
+        self.steps.append((scorer, base))
+
+
+def changed(before: dict, after: dict) -> bool:
+    return any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["whole base", "lora"])
+def test_scorer_first_steps_trains_the_scorer_alone_then_the_base_alone(load, tmp_path, with_lora):
+    vlm = load()
+    if with_lora:
+        model = lora_stts(vlm)
+    else:
+        model = apply_stts(vlm, STTSConfig(prune_layer=PRUNE_LAYER, train_base_model=True))
+    start = (
+        {n: p.detach().clone() for n, p in model.scorer.named_parameters()},
+        {n: p.detach().clone() for n, p in model.base_model.named_parameters()},
+    )
+    snapshots = ParameterSnapshots(model)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=4, learning_rate=1e-2),
+        train_dataset=VideoQA(model.config, 8),
+        data_collator=collate,
+        callbacks=[STTSCallback(scorer_first_steps=2), snapshots],
+    )
+    trainer.train()
+    states = [start, *snapshots.steps]
+    for step in (1, 2):  # the scorer phase: the base model is the one given
+        assert changed(states[step - 1][0], states[step][0])
+        assert not changed(start[1], states[step][1])
+    for step in (3, 4):  # the base phase: the scorer is the one the first phase left
+        assert not changed(states[2][0], states[step][0])
+        assert changed(states[step - 1][1], states[step][1])
+    assert all(not p.requires_grad for p in model.scorer.parameters())
+
+
+def test_set_trainable_switches_only_what_was_trainable_and_refuses_a_frozen_base(load):
+    model = lora_stts(load())
+    lora = {n for n, p in model.base_model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    model.set_trainable(scorer=False, base=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.set_trainable(scorer=True, base=True)
+    assert {n for n, p in model.base_model.named_parameters() if p.requires_grad} == lora  # not the frozen base
+    assert all(p.requires_grad for p in model.scorer.parameters())
+
+    scorer_only = apply_stts(load(), STTSConfig(prune_layer=PRUNE_LAYER))
+    with pytest.raises(ValueError, match="train_base_model=True"):
+        scorer_only.set_trainable(scorer=True, base=True)
+    with pytest.raises(ValueError, match="scorer_first_steps must be an integer >= 0"):
+        STTSCallback(scorer_first_steps=-1)
