@@ -110,3 +110,25 @@ def decode_video_files(videos: Any) -> tuple[Any, list[Any] | None]:
 
 def _is_video_file(item: Any) -> bool:
     return isinstance(item, (str, os.PathLike)) and os.fspath(item).lower().endswith(VIDEO_SUFFIXES)
+
+
+def write_video_file(path: str | os.PathLike, frames: Any, fps: float = 4) -> None:
+    """Write frames as an H.264 mp4 file with PyAV (`pip install "stts-adapter[video]"`).
+
+    Args:
+        path (`str` or `os.PathLike`): the file to write.
+        frames (`numpy.ndarray` of shape `(frames, height, width, 3)`): uint8 RGB, even height and width.
+        fps (`float`): frames per second.
+    """
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError('Writing an mp4 file needs PyAV: pip install "stts-adapter[video]" (or av).') from exc
+    from fractions import Fraction
+
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())

@@ -17,18 +17,20 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from stts_adapter import STTSConfig, apply_stts
+from stts_adapter import STTSConfig, apply_stts, prepare_inputs
 from stts_adapter.cli import (
-    PRUNED_BRIGHTNESS,
+    PRUNED_GREY,
     VIDEO_FAMILIES,
     build_video_batch,
     kept_pixels,
+    load_processor,
     load_video,
     main,
     prepare_video,
     processor_normalization,
     render_kept_units,
 )
+from stts_adapter.processing import decode_video_files
 from stts_adapter.testing import moving_square_video
 from stts_adapter.testing.common import write_video_file
 
@@ -279,7 +281,7 @@ def test_kept_pixels_maps_qwen_slots_and_units_onto_frames():
                 assert block.all() if cells[row, column] else not block.any()
 
 
-def test_render_draws_kept_units_unchanged_and_pruned_units_dimmed():
+def test_render_draws_kept_units_unchanged_and_pruned_units_in_grey_with_a_legend():
     frames = torch.rand(3, 3, 20, 30, generator=torch.Generator().manual_seed(0))
     keep = torch.zeros(3, 20, 30, dtype=torch.bool)
     keep[:, :10] = True
@@ -291,7 +293,12 @@ def test_render_draws_kept_units_unchanged_and_pruned_units_dimmed():
         tile = picture[:, top:bottom, left:right]
         expected = frames[index].repeat_interleave(2, 1).repeat_interleave(2, 2)
         assert torch.allclose(tile[:, :20], expected[:, :20], atol=1 / 255)
-        assert torch.allclose(tile[:, 20:], expected[:, 20:] * PRUNED_BRIGHTNESS, atol=1 / 255)
+        luminance = (expected[:, 20:] * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0)
+        grey = PRUNED_GREY[0] + PRUNED_GREY[1] * luminance
+        assert torch.allclose(tile[:, 20:], grey.expand(3, -1, -1), atol=1 / 255)
+        assert tile[:, 20:].min() >= PRUNED_GREY[0] - 1 / 255  # washed out, never black
+    legend = picture[:, boxes[2][3] + 16 :, :]  # below the last row of captions
+    assert (legend < 0.5).any(), "no legend text under the frames"
 
 
 def test_visualize_needs_an_adapter_or_a_training_free_method(model_dir, adapter_dir, capsys):
@@ -302,6 +309,95 @@ def test_visualize_needs_an_adapter_or_a_training_free_method(model_dir, adapter
             main(["visualize", "--model", "m", "--adapter", str(adapter_dir[0]), *extra])
         assert info.value.code == 2
         assert "applies without --adapter" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- the checkpoint's processor
+@pytest.fixture(scope="session")
+def model_with_processor_dir(tmp_path_factory):
+    """`model_with_processor_dir(family)` -> a folder holding the family's tiny model AND its real processor class
+    (tiny offline tokenizer), as a released checkpoint ships them."""
+    folders = {}
+
+    def get(family: str):
+        if family not in folders:
+            case = VIDEO_FAMILIES[family].load_case()
+            torch.manual_seed(0)
+            config = case.make_config()
+            folders[family] = tmp_path_factory.mktemp(f"cli-processor-{family}")
+            case.model_class(config).save_pretrained(folders[family])
+            case.make_processor(config).save_pretrained(folders[family])
+        return folders[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "smolvlm", "internvl"])
+def test_visualize_builds_the_batch_with_the_checkpoints_own_processor(
+    family, model_with_processor_dir, tmp_path, capsys
+):
+    """SmolVLM2 and InternVL are the families whose processors do not mark video frames (prepare_inputs does)."""
+    folder = model_with_processor_dir(family)
+    masks = tmp_path / "kept.json"
+    status, out, err = run(
+        capsys, "visualize", "--model", folder, "--method", "similarity", "--prune-layer", PRUNE_LAYER,
+        "--frames", 4, "--size", 56, "--out", tmp_path / "kept.png", "--json", masks, "--no-progress",
+    )  # fmt: skip
+    assert status == 0, err
+    shown = json.loads(masks.read_text())
+    processor_class = type(load_processor(str(folder))).__name__
+    assert shown["batch"] == f"built by the checkpoint's {processor_class}" and processor_class in out
+    config = load_tiny(lambda f: folder, family).config
+    height, width = shown["frame_size"]
+    assert (shown["units_before"], shown["units_after"]) == expected_units(family, config, 4, height, width, 0.5)
+    # The same video through the processor by hand: the CLI pruned exactly what STTS prunes on it.
+    model = load_tiny(lambda f: folder, family)
+    stts = apply_stts(model, STTSConfig(method="similarity", prune_layer=PRUNE_LAYER)).eval()
+    frames = prepare_video(load_video("synthetic", 4, 56), VIDEO_FAMILIES[family], config, 56, None)[0]
+    clip = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    prompt = f"{VIDEO_FAMILIES[family].load_case().video_prompt} Describe what happens in the video."
+    inputs = prepare_inputs(load_processor(str(folder)), stts, text=[prompt], videos=[clip], return_tensors="pt")
+    with torch.no_grad():
+        expected = stts(**inputs).stts.keep_masks[0]
+    assert torch.tensor(shown["keep_masks"]).flatten(1).bool().equal(expected)
+
+
+def test_without_a_processor_the_batch_is_laid_out_and_the_output_says_how_to_use_one(model_dir, tmp_path, capsys):
+    status, out, _ = run(
+        capsys, "visualize", "--model", model_dir("qwen2_5_vl"), "--method", "similarity", "--frames", 4,
+        "--size", 56, "--out", tmp_path / "kept.png", "--no-progress",
+    )  # fmt: skip
+    assert status == 0
+    assert "ships no processor" in out and "processor.save_pretrained" in out
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
+def test_bench_times_training_on_the_checkpoints_processor_batches(family, model_with_processor_dir, tmp_path, capsys):
+    status, out, err = run(
+        capsys, "bench", "--model", model_with_processor_dir(family), "--frames", 4, "--repeats", 1, "--size", 56,
+        "--train", "--prune-layer", PRUNE_LAYER, "--json", tmp_path / "bench.json", "--no-progress",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "built by the checkpoint's" in out
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert row["video_tokens_kept"] < row["video_tokens"]
+    assert row["train_step_s"]["baseline"] > 0 and row["train_step_s"]["stts"] > 0
+
+
+@pytest.mark.parametrize("suffix", ["gif", "mp4"])
+def test_visualize_writes_an_animation_of_the_kept_units(suffix, model_dir, tmp_path, capsys):
+    animation = tmp_path / f"kept.{suffix}"
+    status, out, err = run(
+        capsys, "visualize", "--model", model_dir("qwen2_5_vl"), "--method", "similarity", "--frames", 6,
+        "--size", 56, "--out", tmp_path / "kept.png", "--animation", animation, "--no-progress",
+    )  # fmt: skip
+    assert status == 0, err
+    assert f"and {animation}" in out
+    if suffix == "gif":
+        with Image.open(animation) as picture:
+            assert picture.n_frames == 6
+    else:
+        decoded, _ = decode_video_files(str(animation))
+        assert decoded.shape[0] == 6
 
 
 # --------------------------------------------------------------------------------------------- video files

@@ -406,11 +406,8 @@ def changed(before: dict, after: dict) -> bool:
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["whole base", "lora"])
 def test_scorer_first_steps_trains_the_scorer_alone_then_the_base_alone(load, tmp_path, with_lora):
-    vlm = load()
-    if with_lora:
-        model = lora_stts(vlm)
-    else:
-        model = apply_stts(vlm, STTSConfig(prune_layer=PRUNE_LAYER, train_base_model=True))
+    whole = STTSConfig(prune_layer=PRUNE_LAYER, train_base_model=True)
+    model = lora_stts(load()) if with_lora else apply_stts(load(), whole)
     start = (
         {n: p.detach().clone() for n, p in model.scorer.named_parameters()},
         {n: p.detach().clone() for n, p in model.base_model.named_parameters()},

@@ -15,11 +15,11 @@ import torch
 from .common import note
 from .video import (
     Normalization,
-    build_video_batch,
     load_base_model,
-    prepare_video,
+    load_processor,
     processor_normalization,
     video_family,
+    video_inputs,
     wrap_model,
 )
 
@@ -56,7 +56,8 @@ def run_bench(args: argparse.Namespace) -> int:
     model = load_base_model(args.model, args.revision, args.dtype, args.device)
     name, family = video_family(model)
     stts = wrap_model(model, args, train=args.train)
-    normalization = processor_normalization(args.model, args.revision)
+    processor = load_processor(args.model, args.revision)
+    normalization = None if processor else processor_normalization(args.model, args.revision)
     device = torch.device(args.device)
     ratios = args.ratios if args.ratios else [stts.stts_config.prune_ratio]
     cases = [(frames, ratio) for frames in args.frames for ratio in ratios]
@@ -66,12 +67,13 @@ def run_bench(args: argparse.Namespace) -> int:
         for frames, ratio in cases:
             bar.set_description(f"bench {frames} frames, {ratio:.0%}")
             stts.set_prune_ratio(ratio)
-            video, pixels = prepare_video(
-                moving_square_video(frames, args.size, args.size), family, model.config, args.size, normalization
+            video = moving_square_video(frames, args.size, args.size)
+            inputs = video_inputs(
+                model, family, video, args.size, processor, normalization, labels=args.train, model_name=args.model
             )
-            batch = build_video_batch(model, family, pixels, labels=args.train)
-            results.append(_measure(stts, batch, device, args, frames, ratio, tuple(video.shape[-2:]), bar.update))
-    header = _bench_header(args, stts, name, normalization)
+            size = tuple(inputs.frames.shape[-2:])
+            results.append(_measure(stts, inputs.batch, device, args, frames, ratio, size, bar.update))
+    header = _bench_header(args, stts, name, normalization, inputs.source)
     table = bench_table(results, train=args.train)
     print(header + "\n\n" + table)
     if args.json:
@@ -122,16 +124,18 @@ def _measure(stts, batch, device, args, frames, ratio, size, tick) -> dict[str, 
     return result
 
 
-def _bench_header(args, stts, family_name: str, normalization: Normalization | None) -> str:
+def _bench_header(args, stts, family_name: str, normalization: Normalization | None, batch_source: str) -> str:
     c = stts.stts_config
     if args.adapter:
         source = f"adapter {args.adapter}"
     else:
         source = f"method {c.method}" + (" (untrained scorer: speed only)" if c.method == "scorer" else "")
-    pixels = f"normalised as in {normalization.source}" if normalization else "pixels in [0, 1]"
+    if normalization:
+        batch_source += f"; pixels normalised as in {normalization.source}"
     return (
         f"{c.base_model_class} ({family_name}) from {args.model}; {source}; prune_layer {c.prune_layer}.\n"
-        f"Synthetic video ({pixels}); {args.device}, {args.dtype}, torch {torch.__version__}, {platform.machine()}, "
+        f"Synthetic video, batch {batch_source}.\n"
+        f"{args.device}, {args.dtype}, torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads.\n"
         f"Medians of {args.repeats} runs after a warm-up, baseline (STTS disabled) and STTS alternated."
     )

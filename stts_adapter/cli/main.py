@@ -84,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[model_options],
         help="frames of a video with the units STTS keeps highlighted",
         description="Run the model with STTS on a video and draw its frames: kept units as they are, pruned units "
-        "dimmed. Needs Pillow.",
+        "in grey, as a PNG contact sheet and optionally an animation. The batch is built by the checkpoint's own "
+        "processor when it ships one. Needs Pillow.",
     )
     visualize.add_argument(
         "--video",
         default=SYNTHETIC,
-        help="'synthetic', a folder of frame images, an animated GIF, or a .npy / .pt / .safetensors tensor",
+        help="'synthetic', a video file (.mp4, .mov, ...; needs torchcodec or PyAV), a folder of frame images, an "
+        "animated GIF, or a .npy / .pt / .safetensors tensor",
     )
     visualize.add_argument(
         "--frames",
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     visualize.add_argument("--columns", type=positive_argument, help="frames per row of the picture (default up to 8)")
     visualize.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
+    visualize.add_argument(
+        "--animation", metavar="FILE", help="also write the frames over time as an animated .gif or an .mp4 (PyAV)"
+    )
+    visualize.add_argument("--fps", type=float, default=4.0, help="frames per second of --animation (default 4)")
     visualize.set_defaults(run=run_visualize, method="scorer")
 
     convert = commands.add_parser(

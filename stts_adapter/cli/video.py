@@ -143,6 +143,107 @@ def build_video_batch(model: torch.nn.Module, family: VideoFamily, pixels: torch
 
     case = family.load_case()
     batch = case.build_batch(model.config, [Sample(video=pixels, answer=[5, 6] if labels else None)])
+    return _to_model(batch, model)
+
+
+@dataclass
+class VideoInputs:
+    """One video as the model takes it, and what a person should see of it.
+
+    Args:
+        batch (`dict`): the model's keyword arguments, on its device and dtype.
+        frames (`torch.Tensor` of shape `(frames, 3, height, width)`): the frames fed in, in [0, 1].
+        source (`str`): what built the batch, for the report (the checkpoint's processor, or the layout builder).
+        unit_rows_columns (`tuple[int, int]`, *optional*): units per frame as (rows, columns), when the processor's
+            output says (`video_grid_thw`); else derived from the frame size (`unit_grid`).
+    """
+
+    batch: dict[str, Any]
+    frames: torch.Tensor
+    source: str
+    unit_rows_columns: tuple[int, int] | None = None
+
+
+PROMPT = "Describe what happens in the video."
+
+
+def load_processor(name_or_path: str, revision: str | None = None) -> Any | None:
+    """The checkpoint's own processor (`AutoProcessor`), or None when the folder or repo ships none (a model saved
+    without `processor.save_pretrained`)."""
+    from transformers import AutoProcessor, ProcessorMixin
+
+    hub = {"revision": revision} if revision else {}
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **hub)
+    except (OSError, ValueError, KeyError, TypeError):  # no processor, tokenizer or image processor files
+        return None
+    return processor if isinstance(processor, ProcessorMixin) and hasattr(processor, "video_processor") else None
+
+
+def video_inputs(
+    model: torch.nn.Module,
+    family: VideoFamily,
+    video: torch.Tensor,
+    size: int | None,
+    processor: Any | None,
+    normalization: Normalization | None = None,
+    labels: bool = False,
+    model_name: str = "the model",
+) -> VideoInputs:
+    """The model inputs of one video: built by the checkpoint's own processor when it has one
+    (`stts_adapter.prepare_inputs`, every frame given used: no frame sampling), else laid out by the family's builder
+    (`build_video_batch`: placeholder token ids, pixels normalised with `normalization`).
+
+    Args:
+        model: the base model (the transformers VLM).
+        family (`VideoFamily`): its family.
+        video (`torch.Tensor` of shape `(frames, 3, height, width)`): in [0, 1].
+        size (`int`, *optional*): see `frame_size`.
+        processor: from `load_processor`, or None.
+        normalization (`Normalization`, *optional*): pixels' mean and std for the builder.
+        labels (`bool`): add labels on the prompt's last two tokens (for a training step).
+        model_name (`str`): the model's folder or id, for the report.
+
+    Returns:
+        `VideoInputs`
+    """
+    config = model.config
+    if processor is None:
+        frames, pixels = prepare_video(video, family, config, size, normalization)
+        source = (
+            f"laid out by stts_adapter.testing's {family.case.split(':')[1]} builder with placeholder token ids: "
+            f"{model_name} ships no processor (save one beside the model with processor.save_pretrained to use it)"
+        )
+        return VideoInputs(build_video_batch(model, family, pixels, labels=labels), frames, source)
+    from ..processing import prepare_inputs
+
+    frames, _ = prepare_video(video, family, config, size, None)
+    clip = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # as a video decoder gives it
+    text = _prompt(processor, family)
+    inputs = prepare_inputs(processor, model, text=[text], videos=[clip], return_tensors="pt", do_sample_frames=False)
+    batch = dict(inputs)
+    if labels:
+        batch["labels"] = torch.full_like(batch["input_ids"], -100)
+        batch["labels"][:, -2:] = batch["input_ids"][:, -2:]
+    batch = _to_model(batch, model)
+    grid = batch.get("video_grid_thw")
+    rows_columns = None
+    if grid is not None:
+        merge = int(getattr(config.vision_config, "spatial_merge_size", 1))
+        rows_columns = (int(grid[0, 1]) // merge, int(grid[0, 2]) // merge)
+    return VideoInputs(batch, frames, f"built by the checkpoint's {type(processor).__name__}", rows_columns)
+
+
+def _prompt(processor: Any, family: VideoFamily) -> str:
+    """A one-video prompt in the checkpoint's chat template, or the family's video placeholder when it has none."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{family.load_case().video_prompt} {PROMPT}"
+
+
+def _to_model(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Tensors on the model's device; floating ones in its dtype."""
     device, dtype = model.device, model.dtype
     return {
         key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)

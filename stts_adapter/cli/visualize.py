@@ -10,24 +10,34 @@ from typing import Any
 
 import torch
 
-from ..visualization import kept_pixels, pillow, render_kept_units
+from ..visualization import LEGEND, kept_pixels, pillow, render_kept_units, write_kept_animation
 from .common import MAX_DEFAULT_SIDE, CLIError
 from .video import (
     VideoFamily,
-    build_video_batch,
     load_base_model,
+    load_processor,
     load_video,
-    prepare_video,
     processor_normalization,
     unit_side,
     video_family,
+    video_inputs,
     wrap_model,
 )
 
 
-def unit_grid(family: VideoFamily, config: Any, height: int, width: int, units_per_frame: int) -> tuple[int, int]:
-    """(rows, columns) of units over a `height` x `width` frame, row-major as the placeholders are ordered."""
-    if family.frames == "grid":
+def unit_grid(
+    family: VideoFamily,
+    config: Any,
+    height: int,
+    width: int,
+    units_per_frame: int,
+    rows_columns: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """(rows, columns) of units over a `height` x `width` frame, row-major as the placeholders are ordered
+    (`rows_columns` when the processor's output gives it)."""
+    if rows_columns is not None:
+        rows, columns = rows_columns
+    elif family.frames == "grid":
         side = unit_side(config)
         rows, columns = height // side, width // side
     else:
@@ -56,27 +66,37 @@ def run_visualize(args: argparse.Namespace) -> int:
         stts = wrap_model(model, args, prune_ratio=args.prune_ratio)
         bar.update()
         bar.set_description(steps[1])
-        normalization = processor_normalization(args.model, args.revision)
+        processor = load_processor(args.model, args.revision)
+        normalization = None if processor else processor_normalization(args.model, args.revision)
         video = load_video(args.video, args.frames, args.size or 224)
         size = args.size if args.size or max(video.shape[-2:]) <= MAX_DEFAULT_SIDE else MAX_DEFAULT_SIDE
-        frames, pixels = prepare_video(video, family, model.config, size, normalization)
-        batch = build_video_batch(model, family, pixels)
+        inputs = video_inputs(model, family, video, size, processor, normalization, model_name=args.model)
         bar.update()
         bar.set_description(steps[2])
         with torch.no_grad():
-            report = stts(**batch).stts
+            report = stts(**inputs.batch).stts
+        if report is None:
+            raise CLIError(f"STTS pruned nothing of this video (batch {inputs.source}); see the warnings above.")
         bar.update()
         bar.set_description(steps[3])
-        keep_mask = report.keep_masks[0].cpu()
+        frames, keep_mask = inputs.frames, report.keep_masks[0].cpu()
         count, _, height, width = frames.shape
-        grid = unit_grid(family, model.config, height, width, keep_mask.shape[1])
+        grid = unit_grid(family, model.config, height, width, keep_mask.shape[1], inputs.unit_rows_columns)
         keep = kept_pixels(keep_mask, grid, count, height, width)
         slot_of_frame = (torch.arange(count) * keep_mask.shape[0] // count).tolist()
         per_slot = keep_mask.sum(1).tolist()
-        captions = [f"#{index} kept {per_slot[slot]}/{keep_mask.shape[1]}" for index, slot in enumerate(slot_of_frame)]
+        units = keep_mask.shape[1]
+        captions = [
+            f"#{index} kept {per_slot[slot]}/{units} ({per_slot[slot] / units:.0%})"
+            for index, slot in enumerate(slot_of_frame)
+        ]
         sheet, _ = render_kept_units(frames, keep, captions, columns=args.columns)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        for path in (args.out, args.animation):
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         sheet.save(args.out)
+        if args.animation:
+            write_kept_animation(args.animation, frames, keep, captions, fps=args.fps)
         bar.update()
     kept, total = report.units_after[0], report.units_before[0]
     c = stts.stts_config
@@ -87,7 +107,8 @@ def run_visualize(args: argparse.Namespace) -> int:
     slots = keep_mask.shape[0]
     frames_per_slot = "frame" if slots == count else f"temporal slot ({math.ceil(count / slots)} frames)"
     print(f"Kept units per {frames_per_slot}: {per_slot} of {keep_mask.shape[1]}.")
-    print(f"Wrote {args.out}: kept units as they are, pruned units dimmed.")
+    print(f"Batch {inputs.source}.")
+    print(f"Wrote {args.out}" + (f" and {args.animation}" if args.animation else "") + f": {LEGEND}.")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
@@ -101,6 +122,7 @@ def run_visualize(args: argparse.Namespace) -> int:
                     "keep_masks": keep_mask.reshape(slots, *grid).int().tolist(),
                     "units_before": total,
                     "units_after": kept,
+                    "batch": inputs.source,
                 },
                 f,
             )

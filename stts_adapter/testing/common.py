@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..processing import write_video_file
 from ..sequence import pad_token_id
 
 # Special token ids of the tiny configs: inside the vocabulary, above every "word" id.
@@ -225,15 +226,3 @@ class FamilyCase:
 
     def __repr__(self) -> str:  # readable pytest ids
         return self.name
-
-
-def write_video_file(path: Any, frames: Any, fps: int = 4) -> None:
-    """Write `frames` (`(frames, height, width, 3)` uint8, even sides) as an H.264 mp4 with PyAV."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
