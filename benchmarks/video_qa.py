@@ -539,7 +539,8 @@ def train_steps(
         report = getattr(out, "stts", None)
         if report is not None and report.saturated_fraction is not None:
             curves.saturated_fraction.append(report.saturated_fraction)
-            curves.scorer_grad_norm.append(scorer_grad_norm(model) or 0.0)
+            if any(p.requires_grad for p in model.scorer.parameters()):  # not while frozen (two-phase rows)
+                curves.scorer_grad_norm.append(scorer_grad_norm(model) or 0.0)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
