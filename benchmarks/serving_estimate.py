@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def speed_module():
-    spec = importlib.util.spec_from_file_location("speed", os.path.join(HERE, "speed.py"))
+    spec = importlib.util.spec_from_file_location("speed", os.path.join(HERE, "speed", "main.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules["speed"] = module
     spec.loader.exec_module(module)

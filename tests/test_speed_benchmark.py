@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "main.py"
 EXACT = 1e-6  # relative: both sides count the same ops from the same shapes (see the module docstring)
 KINDS = ("forward", "generate", "train_scorer", "train_whole")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "video_qa.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "video_qa" / "main.py"
 
 
 @pytest.fixture(scope="module")
