@@ -2,27 +2,15 @@
 ViT, against pruning after the ViT, as vLLM's EVS (and a learned-scorer plugin in its place) can. Used by
 docs/serving.md.
 
-    python benchmarks/serving_estimate.py
+    python -m benchmarks.serving_estimate
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import torch
 from transformers import Qwen2_5_VLConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def speed_module():
-    spec = importlib.util.spec_from_file_location("speed", os.path.join(HERE, "speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["speed"] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.speed.flops import qwen2_5_vl_flops
 
 
 def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
@@ -46,7 +34,8 @@ def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
 
 
 def main() -> None:
-    speed, config = speed_module(), qwen2_5_vl_3b_config()
+    """Print the table: speed-ups of both at 32, 128 and 256 frames, and the ViT's share of the baseline's FLOPs."""
+    config = qwen2_5_vl_3b_config()
     rows = cols = 12  # 336 x 336 frames: 12 x 12 units per temporal slot of 2 frames
     text_tokens = 64
     print("| frames | video tokens | STTS (pruned in the ViT) | pruned after the ViT | ViT share of the baseline |")
@@ -58,9 +47,9 @@ def main() -> None:
         half = keep.flatten().clone()
         half[torch.randperm(units - rows * cols)[:pruned] + rows * cols] = False  # the first slot is kept
         half = half.view_as(keep)
-        base = speed.qwen2_5_vl_flops(config, keep, units + text_tokens, prune_layer=3)
-        stts = speed.qwen2_5_vl_flops(config, half, units - pruned + text_tokens, prune_layer=3, scorer_hidden=3420)
-        after_vit = speed.qwen2_5_vl_flops(config, keep, units - pruned + text_tokens, prune_layer=3)
+        base = qwen2_5_vl_flops(config, keep, units + text_tokens, prune_layer=3)
+        stts = qwen2_5_vl_flops(config, half, units - pruned + text_tokens, prune_layer=3, scorer_hidden=3420)
+        after_vit = qwen2_5_vl_flops(config, keep, units - pruned + text_tokens, prune_layer=3)
         vit_share = 1 - (base.llm + base.llm_attention + base.lm_head) / base.forward()
         print(
             f"| {frames} | {units} | {base.forward() / stts.forward():.2f}x | "

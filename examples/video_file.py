@@ -43,8 +43,8 @@ def tiny_model_and_processor():
 
 
 def write_example_video(path: str) -> str:
-    from stts_adapter.testing import moving_square_video
     from stts_adapter.processing import write_video_file
+    from stts_adapter.testing import moving_square_video
 
     frames = moving_square_video(8, 112, 168, square=28, step=(0, 14), start=(42, 0))
     write_video_file(path, (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), fps=4)

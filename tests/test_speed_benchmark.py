@@ -1,4 +1,4 @@
-"""benchmarks/speed.py: its smoke mode writes well-formed outputs, and its analytic FLOP model is exact.
+"""benchmarks.speed: its smoke mode writes well-formed outputs, and its analytic FLOP model is exact.
 
 The FLOP model counts the same operations `torch.utils.flop_counter.FlopCounterMode` counts (matmul, bmm and
 convolution; attention through the math SDPA backend, whose products are bmm), from the same shapes, so the two must
@@ -9,41 +9,35 @@ depend on the machine.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+from benchmarks.speed.benchmark import new_model, pruned_forward
+from benchmarks.speed.families import FAMILIES
+from benchmarks.speed.flops import counted_flops
+from benchmarks.speed.main import main, parse_args
+from benchmarks.speed.measure import bare, forward_step, gradient_probe, rewrap, train_step
+
+REPO = Path(__file__).resolve().parents[1]
 EXACT = 1e-6  # relative: both sides count the same ops from the same shapes (see the module docstring)
 KINDS = ("forward", "generate", "train_scorer", "train_whole")
 
 
 @pytest.fixture(scope="module")
-def speed() -> ModuleType:
-    """benchmarks/speed.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("stts_speed_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their defining module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-@pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
-    """The output directory of `speed.py --quick` (both families, 8 frames of 112 px, one ratio, one repeat)."""
+    """The output directory of `python -m benchmarks.speed --quick` (both families, 8 frames of 112 px, one ratio, one
+    repeat), run from the repository's root."""
     out = tmp_path_factory.mktemp("speed")
-    command = [sys.executable, str(BENCHMARK), "--quick", "--threads", "1", "--out", str(out)]
+    command = [sys.executable, "-m", "benchmarks.speed", "--quick", "--threads", "1", "--out", str(out)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return out
 
@@ -86,15 +80,23 @@ def test_quick_run_writes_markdown_and_plot(quick_run: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+def test_render_rewrites_the_markdown_from_the_json(quick_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "speed.json").write_bytes((quick_run / "speed.json").read_bytes())
+    main(["--render", "--out", str(tmp_path)])
+    assert (tmp_path / "speed.md").read_text() == (quick_run / "speed.md").read_text()
+    assert "Command: `python -m benchmarks.speed --quick --threads 1 --out " in (tmp_path / "speed.md").read_text()
+    assert (tmp_path / "speed.png").read_bytes().startswith(b"\x89PNG")
+
+
 # ------------------------------------------------------------------------------------------------ FLOP model
-def build(speed: ModuleType, family_name: str, size: int) -> tuple[Any, Any, Any]:
-    family = speed.FAMILIES[family_name]
+def build(family_name: str, size: int) -> tuple[Any, Any, Any]:
+    family = FAMILIES[family_name]
     config = family.make_config(size)
-    args = speed.parse_args(["--size", str(size)])
-    return family, config, speed.new_model(family, config, args)
+    args = parse_args(["--size", str(size)])
+    return family, config, new_model(family, config, args)
 
 
-def analytic(speed: ModuleType, family: Any, config: Any, report: Any, length: int, size: int, **kwargs: Any):
+def analytic(family: Any, config: Any, report: Any, length: int, size: int, **kwargs: Any):
     """(baseline, STTS as executed) FlopCounts for the kept units of `report`."""
     rows, columns = family.unit_grid(config, size)
     keep = report.keep_masks[0].reshape(-1, rows, columns)
@@ -111,42 +113,42 @@ GEOMETRIES = [("qwen2_5_vl", 112), ("qwen2_5_vl", 168), ("llava_onevision", 70),
 
 
 @pytest.mark.parametrize(("family_name", "size"), GEOMETRIES)
-def test_forward_flops_match_flop_counter(speed: ModuleType, family_name: str, size: int) -> None:
-    family, config, model = build(speed, family_name, size)
+def test_forward_flops_match_flop_counter(family_name: str, size: int) -> None:
+    family, config, model = build(family_name, size)
     model.eval()
     batch = family.batch(config, 4, size, answer=True)
-    forward = speed.forward_step(model, batch)
-    counted_base = speed.counted_flops(speed.bare(model, forward))
+    forward = forward_step(model, batch)
+    counted_base = counted_flops(bare(model, forward))
     model.set_prune_ratio(0.5)
     outputs = []
-    counted_stts = speed.counted_flops(lambda: outputs.append(forward()))
+    counted_stts = counted_flops(lambda: outputs.append(forward()))
     hidden = model.scorer.hidden_size
     base, executed = analytic(
-        speed, family, config, outputs[0].stts, batch["input_ids"].shape[1], size, scorer_hidden=hidden, executed=True
+        family, config, outputs[0].stts, batch["input_ids"].shape[1], size, scorer_hidden=hidden, executed=True
     )
     assert base.forward() == pytest.approx(counted_base, rel=EXACT)
     assert executed.forward() == pytest.approx(counted_stts, rel=EXACT)
 
 
 @pytest.mark.parametrize(("family_name", "size"), [("qwen2_5_vl", 168), ("llava_onevision", 70)])
-def test_training_flops_match_flop_counter(speed: ModuleType, family_name: str, size: int) -> None:
+def test_training_flops_match_flop_counter(family_name: str, size: int) -> None:
     """Forward + backward of both training modes, baseline and STTS: the backward multipliers of
     `FlopCount.train_step` (including block prune_layer + 1 reached only through the key bias) are exact."""
-    family, config, model = build(speed, family_name, size)
+    family, config, model = build(family_name, size)
     batch = family.batch(config, 4, size, answer=True)
     model.eval()
-    report = speed.pruned_forward(model, batch, 0.5, count=False)[0]
+    report = pruned_forward(model, batch, 0.5, count=False)[0]
     hidden = model.scorer.hidden_size
     length = batch["input_ids"].shape[1]
-    base, stts = analytic(speed, family, config, report, length, size, scorer_hidden=hidden, executed=True)
+    base, stts = analytic(family, config, report, length, size, scorer_hidden=hidden, executed=True)
     model.train()
-    step = speed.train_step(model, batch)
-    assert base.train_step(False) == pytest.approx(speed.counted_flops(speed.gradient_probe(model, step)), rel=EXACT)
-    assert stts.train_step(False) == pytest.approx(speed.counted_flops(step), rel=EXACT)
-    model = speed.rewrap(model, train_base_model=True)
-    step = speed.train_step(model, batch)
-    assert base.train_step(True) == pytest.approx(speed.counted_flops(speed.bare(model, step)), rel=EXACT)
-    assert stts.train_step(True) == pytest.approx(speed.counted_flops(step), rel=EXACT)
+    step = train_step(model, batch)
+    assert base.train_step(False) == pytest.approx(counted_flops(gradient_probe(model, step)), rel=EXACT)
+    assert stts.train_step(False) == pytest.approx(counted_flops(step), rel=EXACT)
+    model = rewrap(model, train_base_model=True)
+    step = train_step(model, batch)
+    assert base.train_step(True) == pytest.approx(counted_flops(bare(model, step)), rel=EXACT)
+    assert stts.train_step(True) == pytest.approx(counted_flops(step), rel=EXACT)
 
 
 def synthetic_keep(frames: int, rows: int, columns: int, ratio: float, seed: int = 0) -> torch.Tensor:
@@ -159,10 +161,8 @@ def synthetic_keep(frames: int, rows: int, columns: int, ratio: float, seed: int
 
 
 @pytest.mark.parametrize("family_name", ["qwen2_5_vl", "llava_onevision"])
-def test_stts_flops_fall_with_the_ratio_and_equal_baseline_plus_scorer_at_zero(
-    speed: ModuleType, family_name: str
-) -> None:
-    family = speed.FAMILIES[family_name]
+def test_stts_flops_fall_with_the_ratio_and_equal_baseline_plus_scorer_at_zero(family_name: str) -> None:
+    family = FAMILIES[family_name]
     config = family.make_config(224)
     rows, columns = family.unit_grid(config, 224)
     frames, length, hidden = 16, 2000, 512

@@ -1,43 +1,32 @@
-"""benchmarks/video_qa.py: the synthetic video-QA generator, and its --quick mode end to end (train, evaluate,
+"""benchmarks.video_qa: the synthetic video-QA generator, and its --quick mode end to end (train, evaluate,
 write the outputs)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "video_qa.py"
+from benchmarks.video_qa import data, rows, train
+from benchmarks.video_qa.main import main
 
 
-@pytest.fixture(scope="module")
-def video_qa():
-    spec = importlib.util.spec_from_file_location("video_qa", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["video_qa"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("video_qa", None)
-
-
-def test_every_question_has_at_least_four_answers_so_chance_is_at_most_25_percent(video_qa):
-    for question in range(len(video_qa.QUESTION_TYPES)):
-        candidates = video_qa.candidate_tokens(question)
+def test_every_question_has_at_least_four_answers_so_chance_is_at_most_25_percent():
+    for question in range(len(data.QUESTION_TYPES)):
+        candidates = data.candidate_tokens(question)
         assert len(set(candidates)) >= 4
-        others = {t for q in range(len(video_qa.QUESTION_TYPES)) if q != question for t in video_qa.candidate_tokens(q)}
+        others = {t for q in range(len(data.QUESTION_TYPES)) if q != question for t in data.candidate_tokens(q)}
         assert not others & set(candidates)
 
 
 @pytest.mark.parametrize("task", ["static", "distractor", "long"])
-def test_clips_are_deterministic_and_change_only_after_the_first_slot(video_qa, task):
-    settings = video_qa.TASKS[task]
-    clips = video_qa.clip_set("test", 8, settings)
-    again = video_qa.clip_set("test", 8, settings)
-    slots, units = settings.frames // 2, (settings.side // video_qa.CELL) ** 2
+def test_clips_are_deterministic_and_change_only_after_the_first_slot(task):
+    settings = data.TASKS[task]
+    clips = data.clip_set("test", 8, settings)
+    again = data.clip_set("test", 8, settings)
+    slots, units = settings.frames // 2, (settings.side // data.CELL) ** 2
     assert [c.question for c in clips] == [0, 1, 2, 3] * 2  # balanced over question types
     for clip, same in zip(clips, again):
         assert torch.equal(clip.video, same.video) and clip.answer == same.answer
@@ -45,16 +34,16 @@ def test_clips_are_deterministic_and_change_only_after_the_first_slot(video_qa, 
         assert clip.changed.shape == (slots, units)
         assert not clip.changed[0].any()  # the first slot (always kept by STTS) holds no event
         assert 0 < clip.changed.sum() <= clip.changed.numel() // 4  # a small changing part
-    assert not torch.equal(clips[0].video, video_qa.clip_set("val", 1, settings)[0].video)
+    assert not torch.equal(clips[0].video, data.clip_set("val", 1, settings)[0].video)
 
 
-def test_distractor_screens_change_every_frame_outside_the_answer_and_more_than_the_answer(video_qa):
+def test_distractor_screens_change_every_frame_outside_the_answer_and_more_than_the_answer():
     """The screens never cover a unit the question's event changes, change on every frame (so they are not part of
     `changed`, the answer's units), and change more than the answer does: the change rule ranks them first."""
-    settings = video_qa.TASKS["distractor"]
-    cell = video_qa.CELL
+    settings = data.TASKS["distractor"]
+    cell = data.CELL
     screen_changes, answer_changes = [], []
-    for clip in video_qa.clip_set("val", 16, settings):
+    for clip in data.clip_set("val", 16, settings):
         video = clip.video  # (frames, 3, side, side)
         slots = video.reshape(settings.frames // 2, 2, 3, settings.cells, cell, settings.cells, cell)
         # Mean absolute change of each unit from one temporal slot to the next: (slots - 1, units)
@@ -67,23 +56,21 @@ def test_distractor_screens_change_every_frame_outside_the_answer_and_more_than_
     assert torch.stack(screen_changes).median() > 2 * torch.stack(answer_changes).median()
 
 
-def test_frame_subsampling_keeps_every_kth_slot_for_the_token_budget(video_qa):
+def test_frame_subsampling_keeps_every_kth_slot_for_the_token_budget():
     video = torch.arange(16.0)[:, None, None, None].expand(16, 3, 84, 84)
-    frames, seconds = video_qa.view(video, video_qa.ROWS["subsample-50"])
+    frames, seconds = rows.view(video, rows.ROWS["subsample-50"])
     assert frames[:, 0, 0, 0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13] and seconds == 2
-    frames, seconds = video_qa.view(video, video_qa.ROWS["subsample-80"])
+    frames, seconds = rows.view(video, rows.ROWS["subsample-80"])
     assert frames[:, 0, 0, 0].tolist() == [0, 1, 10, 11] and seconds == 5
-    frames, seconds = video_qa.view(video, video_qa.ROWS["long-baseline"])
+    frames, seconds = rows.view(video, rows.ROWS["long-baseline"])
     assert frames[:, 0, 0, 0].tolist() == list(range(0, 16, 2)) and seconds == 2
 
 
-def test_quick_mode_trains_models_that_learn_and_writes_every_output(video_qa, tmp_path):
+def test_quick_mode_trains_models_that_learn_and_writes_every_output(tmp_path):
     threads = torch.get_num_threads()
     cache = tmp_path / "cache"
     try:
-        report = video_qa.main(
-            ["--quick", "--jobs", "1", "--eval-size", "48", "--out", str(tmp_path), "--cache", str(cache)]
-        )
+        report = main(["--quick", "--jobs", "1", "--eval-size", "48", "--out", str(tmp_path), "--cache", str(cache)])
     finally:
         torch.set_num_threads(threads)  # the runs set torch's process-wide thread count
 
@@ -112,7 +99,7 @@ def test_quick_mode_trains_models_that_learn_and_writes_every_output(video_qa, t
 
     table = (tmp_path / "video_qa.md").read_text()
     (tmp_path / "video_qa.md").unlink()
-    video_qa.main(["--render", "--out", str(tmp_path)])  # the table and plot come back from the JSON alone
+    main(["--render", "--out", str(tmp_path)])  # the table and plot come back from the JSON alone
     assert (tmp_path / "video_qa.md").read_text() == table
     assert "| baseline | 72.0 |" in table and "| stts-50 | 36.0 |" in table
     assert "STTS-50% within 1 point of the baseline" in table and "cores" in table
@@ -121,19 +108,19 @@ def test_quick_mode_trains_models_that_learn_and_writes_every_output(video_qa, t
             assert image.format == "PNG" and min(image.size) > 100
 
 
-def test_the_init_is_cached_by_its_settings_and_reused(video_qa, tmp_path, monkeypatch):
+def test_the_init_is_cached_by_its_settings_and_reused(tmp_path, monkeypatch):
     """A second run with the same settings loads the cached init (no training); other settings get their own."""
-    train = video_qa.TrainSettings(pretrain_steps=2, batch_size=2)
-    path = video_qa.pretrain("static", train, str(tmp_path))
+    settings = train.TrainSettings(pretrain_steps=2, batch_size=2)
+    path = train.pretrain("static", settings, str(tmp_path))
     assert path.endswith(".safetensors") and [p.name for p in tmp_path.iterdir()] == [Path(path).name]
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached init was trained again")
 
-    monkeypatch.setattr(video_qa, "train_steps", no_training)
-    assert video_qa.pretrain("static", train, str(tmp_path)) == path
-    other = video_qa.init_path("static", video_qa.TrainSettings(pretrain_steps=3, batch_size=2), str(tmp_path))
+    monkeypatch.setattr(train, "train_steps", no_training)
+    assert train.pretrain("static", settings, str(tmp_path)) == path
+    other = train.init_path("static", train.TrainSettings(pretrain_steps=3, batch_size=2), str(tmp_path))
     assert other != path
-    assert video_qa.init_path("distractor", train, str(tmp_path)) != path
-    model = video_qa.build_model(video_qa.ROWS["baseline"], "frozen", 0, path, train)
+    assert train.init_path("distractor", settings, str(tmp_path)) != path
+    model = train.build_model(rows.ROWS["baseline"], "frozen", 0, path, settings)
     assert not any(p.requires_grad for p in model.parameters())

@@ -33,7 +33,7 @@ def alternate(
     baseline: Callable[[], object], pruned: Callable[[], object], repeats: int, tick: Callable[[], None]
 ) -> tuple[float, float]:
     """Median seconds of `baseline` and `pruned`, measured alternately after one warm-up run of each (as
-    `benchmarks/speed.py` does). `tick()` is called after every run."""
+    `python -m benchmarks.speed` does). `tick()` is called after every run."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for round_ in range(repeats + 1):
         for index, run in enumerate((baseline, pruned)):

@@ -1,0 +1,126 @@
+"""The benchmark's model families: a benchmark-size config, the processor-faithful batch builder, the unit grid and
+the analytic FLOP model of each (`FAMILIES`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+from benchmarks.speed.flops import FlopCount, llava_onevision_flops, qwen2_5_vl_flops
+from stts_adapter.testing import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    Sample,
+    build_qwen_batch,
+    moving_square_video,
+    small_qwen2_5_vl_config,
+    tiny_text_config,
+)
+from stts_adapter.testing.llava_onevision import build_llava_onevision_batch
+
+
+def benchmark_llava_onevision_config(
+    size: int = 224, vision_depth: int = 12, vision_width: int = 256, text_layers: int = 8, text_width: int = 512
+) -> LlavaOnevisionConfig:
+    """A benchmark-size LLaVA-OneVision config (random init): a SigLIP tower (4 heads, MLP 4x width as in SigLIP,
+    `size` px frames, patch 14, no head) and a Qwen2 LLM (4 heads, 2 KV heads, MLP 2x width).
+
+    Args:
+        size (`int`): frame side in pixels (the tower's image_size; the processor resizes frames to it).
+        vision_depth, vision_width (`int`): ViT blocks and width.
+        text_layers, text_width (`int`): LLM layers and width.
+    """
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=vision_width,
+        intermediate_size=4 * vision_width,
+        num_hidden_layers=vision_depth,
+        num_attention_heads=4,
+        image_size=size,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = tiny_text_config(text_width, text_layers, 2 * text_width, mrope=False, model_type="qwen2")
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[size, size]],
+    )
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family of the benchmark.
+
+    Args:
+        name (`str`): the `--family` value.
+        description (`str`): the model, for the markdown.
+        model_class (`type`): transformers class.
+        make_config (`Callable[[int], PretrainedConfig]`): benchmark config for a frame side in pixels.
+        build_batch (`Callable[[config, list[Sample]], dict]`): the processor-faithful batch builder.
+        unit_grid (`Callable[[config, int], tuple[int, int]]`): units per frame side (rows, columns) at a frame side.
+        flops (`Callable[..., FlopCount]`): the analytic FLOP model (see `qwen2_5_vl_flops`).
+    """
+
+    name: str
+    description: str
+    model_class: type
+    make_config: Callable[[int], Any]
+    build_batch: Callable[[Any, list[Sample]], dict[str, torch.Tensor]]
+    unit_grid: Callable[[Any, int], tuple[int, int]]
+    flops: Callable[..., FlopCount]
+
+    def batch(self, config: Any, frames: int, size: int, answer: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """One video of `frames` frames at `size` px on `device`; with a 2-token answer (labels) for training,
+        without for `generate`."""
+        sample = Sample(video=moving_square_video(frames, size, size), answer=[5, 6] if answer else None)
+        return {name: value.to(device) for name, value in self.build_batch(config, [sample]).items()}
+
+
+def qwen_unit_grid(config: Any, size: int) -> tuple[int, int]:
+    """Units per frame side of Qwen2.5-VL at `size` px: patches merged 2x2."""
+    side = size // (config.vision_config.patch_size * config.vision_config.spatial_merge_size)
+    return side, side
+
+
+def llava_unit_grid(config: Any, size: int) -> tuple[int, int]:
+    """Units per frame side of LLaVA-OneVision at `size` px: the patch grid pooled 2x2 (rounded up)."""
+    pooled = math.ceil(size // config.vision_config.patch_size / 2)
+    return pooled, pooled
+
+
+FAMILIES = {
+    "qwen2_5_vl": Family(
+        name="qwen2_5_vl",
+        description="Qwen2.5-VL-style model (ViT 12x256 with windows of 4x4 units and full attention in blocks "
+        "2, 5, 8, 11, LLM 8x512, random init); varlen ViT",
+        model_class=Qwen2_5_VLForConditionalGeneration,
+        make_config=lambda size: small_qwen2_5_vl_config(),
+        build_batch=build_qwen_batch,
+        unit_grid=qwen_unit_grid,
+        flops=qwen2_5_vl_flops,
+    ),
+    "llava_onevision": Family(
+        name="llava_onevision",
+        description="LLaVA-OneVision-style model (SigLIP 12x256, MLP 1024, LLM 8x512, random init); frames run as "
+        "the ViT's batch, pruned blocks run packed rows",
+        model_class=LlavaOnevisionForConditionalGeneration,
+        make_config=benchmark_llava_onevision_config,
+        build_batch=build_llava_onevision_batch,
+        unit_grid=llava_unit_grid,
+        flops=llava_onevision_flops,
+    ),
+}

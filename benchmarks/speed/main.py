@@ -1,0 +1,121 @@
+"""The command line of `python -m benchmarks.speed`: its options, the benchmark run and its outputs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks import speed
+from benchmarks.common import RESULTS, argument_parser, command
+from benchmarks.speed.benchmark import benchmark_family
+from benchmarks.speed.families import FAMILIES
+from benchmarks.speed.memory import attach_memory, measure_memory
+from benchmarks.speed.profiling import profile_family
+from benchmarks.speed.report import machine_name, render, write_outputs
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of `python -m benchmarks.speed` (see `--help`), with `--quick`'s and the defaults that depend on
+    other options applied.
+
+    Args:
+        argv (`Sequence[str]`, *optional*): the arguments; default: the command line's.
+
+    Returns:
+        `argparse.Namespace`: the options.
+    """
+    parser = argument_parser(speed.__doc__, command("speed"))
+    parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.8])
+    parser.add_argument("--main-ratio", type=float, default=0.5, help="the ratio measured at every frame count")
+    # 64 frames cost about as much as 8, 16 and 32 together: the default measures them at the main ratio only, with
+    # --long-repeats, which keeps the default run near 20 min on 2 cores (the full grid: ~25 min).
+    parser.add_argument(
+        "--all-ratios-at",
+        type=int,
+        nargs="+",
+        default=[8, 16, 32],
+        help="frame counts at which every --ratios value runs; the others run --main-ratio only",
+    )
+    parser.add_argument("--prune-layer", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (medians reported)")
+    parser.add_argument("--long-from", type=int, default=64, help="frame counts from which --long-repeats applies")
+    parser.add_argument("--long-repeats", type=int, default=2, help="at most this many repeats there")
+    parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default 224; --quick: 112)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (timings synchronize; memory from CUDA)")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    parser.add_argument("--no-flop-check", dest="flop_check", action="store_false", help="skip FlopCounterMode")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 8 frames of 112 px, one ratio, 1 repeat")
+    parser.add_argument("--profile", action="store_true", help="profile frames[0], ratios[0] instead of benchmarking")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite speed.md and speed.png from --out/speed.json"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.frames, args.ratios, args.main_ratio, args.repeats, args.long_repeats = [8], [0.5], 0.5, 1, 1
+    if args.size is None:
+        args.size = 112 if args.quick else 224
+    if args.main_ratio not in args.ratios:
+        args.ratios = sorted({*args.ratios, args.main_ratio})
+    return args
+
+
+def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    """Every family's result rows, with the peak memory of every (family, frames, ratio) attached (`args.memory`).
+
+    Args:
+        args (`argparse.Namespace`): the options (`parse_args`).
+
+    Returns:
+        `list[dict]`: a row per family, frame count and ratio.
+    """
+    cases = len(args.frames) * len(args.family) * 2
+    with tqdm(total=cases, desc="benchmark") as progress:
+        results = [row for name in args.family for row in benchmark_family(FAMILIES[name], args, progress)]
+    if args.memory:
+        jobs = list(
+            dict.fromkeys((r["family"], r["frames"], ratio) for r in results for ratio in (None, r["prune_ratio"]))
+        )
+        attach_memory(results, measure_memory(jobs, args))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark (or `--profile`, or `--render`) and write its outputs into `--out`.
+
+    Args:
+        argv (`Sequence[str]`, *optional*): the arguments; default: the command line's.
+    """
+    args = parse_args(argv)
+    if args.render:
+        render(args.out)
+        return
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        for name in args.family:
+            profile_family(FAMILIES[name], args)
+        return
+    start = time.perf_counter()
+    results = run_benchmark(args)
+    settings = {
+        "machine": machine_name(args.threads, args.device),
+        "device": args.device,
+        "size": args.size,
+        "prune_layer": args.prune_layer,
+        "main_ratio": args.main_ratio,
+        "threads": args.threads,
+        "seconds": time.perf_counter() - start,
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "command": command("speed"),
+    }
+    print(write_outputs(results, settings, args.out))
+    print(f"Wrote speed.json, speed.md, speed.png to {args.out} in {settings['seconds']:.0f} s.")

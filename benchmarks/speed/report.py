@@ -1,0 +1,281 @@
+"""The speed report: the machine, the tables (speed-ups, times, FLOP check), the targets, `speed.md` and `speed.png`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    cpu_model,
+    pyplot,
+    render_report,
+    save_figure,
+    table_header,
+    table_row,
+    write_report,
+)
+from benchmarks.speed.families import FAMILIES
+from benchmarks.speed.kinds import KIND_COLUMNS, KIND_TITLES, KINDS
+
+# The command of runs whose settings do not record theirs: `benchmarks/speed.py` was a single script before it
+# became the `benchmarks.speed` package (the committed speed.json is one of them).
+LEGACY_COMMAND = "python benchmarks/speed.py"
+
+
+def machine_name(threads: int, device: str) -> str:
+    """The machine of a run: the CPU (and the GPU on CUDA), cores, torch threads and torch version.
+
+    Args:
+        threads (`int`): torch threads of the run.
+        device (`str`): "cpu" or "cuda[:N]".
+
+    Returns:
+        `str`: the description the markdown states.
+    """
+    model_name = cpu_model(platform.processor() or platform.machine())
+    if device.startswith("cuda"):
+        model_name = f"{torch.cuda.get_device_name(device)} (host: {model_name})"
+    return f"{model_name}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+
+
+CASE_COLUMNS = ("frames", "prune ratio")  # the first columns of every table
+
+
+def case_cells(row: dict) -> tuple[str, str]:
+    """The first cells of a result row in every table (`CASE_COLUMNS`)."""
+    return str(row["frames"]), f"{row['prune_ratio']:.0%}"
+
+
+def speedup_cell(entry: dict[str, float]) -> str:
+    """A cell `measured / ideal (fraction of ideal)` of one kind of measurement."""
+    return f"{entry['speedup']:.2f}x / {entry['ideal']:.2f}x ({entry['of_ideal']:.0%})"
+
+
+def memory_cell(row: dict) -> str:
+    """A cell `baseline -> STTS (ratio)` of the peak memory in MiB, "-" where it was not measured."""
+    memory = row.get("peak_memory_mib")
+    if memory is None:
+        return "-"
+    return f"{memory['baseline']:.0f} -> {memory['stts']:.0f} ({memory['baseline'] / memory['stts']:.2f}x)"
+
+
+def speedup_table(rows: list[dict]) -> list[str]:
+    """The speed-ups of one family: measured against ideal per kind, the peak memory and the scorer's share."""
+    lines = table_header(
+        *CASE_COLUMNS,
+        "video tokens",
+        "LLM tokens",
+        *(KIND_COLUMNS[kind] for kind in KINDS),
+        "peak memory, train step (MiB)",
+        "scorer (fwd / train)",
+    )
+    for r in rows:
+        scorer = r["scorer"]
+        lines.append(
+            table_row(
+                *case_cells(r),
+                f"{r['video_tokens'][0]} -> {r['video_tokens'][1]}",
+                f"{r['llm_tokens'][0]} -> {r['llm_tokens'][1]}",
+                *(speedup_cell(r[kind]) for kind in KINDS),
+                memory_cell(r),
+                f"{scorer['forward_fraction']:.1%} / {scorer['train_fraction']:.1%}",
+            )
+        )
+    return lines
+
+
+def times_table(rows: list[dict]) -> list[str]:
+    """The times of one family, baseline -> STTS per kind, with the FLOP speed-ups as executed."""
+    lines = table_header(
+        *CASE_COLUMNS,
+        "repeats",
+        *(f"{KIND_COLUMNS[kind]} (ms)" for kind in KINDS),
+        "FLOP speed-up as executed (fwd / train)",
+        "STTS at ratio 0 (fwd)",
+    )
+    for r in rows:
+        times = [f"{r[k]['baseline_s'] * 1000:.0f} -> {r[k]['stts_s'] * 1000:.0f}" for k in KINDS]
+        executed = f"{r['forward']['executed_flops_speedup']:.2f}x / {r['train_whole']['executed_flops_speedup']:.2f}x"
+        lines.append(
+            table_row(
+                *case_cells(r), str(r["repeats"]), *times, executed, f"{r['scorer']['ratio0_forward_overhead']:+.1%}"
+            )
+        )
+    return lines
+
+
+def flop_check_table(rows: list[dict]) -> list[str]:
+    """The analytic FLOPs of one family against `FlopCounterMode`'s counts."""
+    lines = table_header(
+        *CASE_COLUMNS,
+        "baseline GFLOP (analytic)",
+        "baseline analytic / counted",
+        "STTS GFLOP ideal / as executed",
+        "STTS as executed: analytic / counted",
+        "scorer share of baseline FLOPs",
+    )
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for r in rows:
+        base, check = sum(r["flops"]["baseline"].values()) / 1e9, r["flop_check"]
+        ideal, executed = (sum(r["flops"][k].values()) / 1e9 for k in ("ideal", "executed"))
+        lines.append(
+            table_row(
+                *case_cells(r),
+                f"{base:.1f}",
+                ratio(check["baseline_analytic_over_counted"]),
+                f"{ideal:.1f} / {executed:.1f}",
+                ratio(check["stts_executed_analytic_over_counted"]),
+                f"{r['scorer']['flops_fraction']:.2%}",
+            )
+        )
+    return lines
+
+
+def target_lines(rows: list[dict], main_ratio: float) -> list[str]:
+    """The issue's targets, checked on this family's rows."""
+    main = sorted((r for r in rows if r["prune_ratio"] == main_ratio), key=lambda r: r["frames"])
+    at32 = next((r for r in main if r["frames"] == 32), None)
+    lines = []
+    if at32 is not None:
+        for kind in KINDS:
+            e = at32[kind]
+            verdict = "met" if e["speedup"] >= 1.6 and e["of_ideal"] >= 0.9 else "NOT met"
+            lines.append(
+                f"- {KIND_TITLES[kind]} at 32 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.0%} of "
+                f"ideal (target >= 1.6x and >= 90%): {verdict}"
+            )
+    for kind in KINDS:
+        speedups = [r[kind]["speedup"] for r in main]
+        if len(speedups) > 1:
+            rising = all(b >= a * 0.98 for a, b in itertools.pairwise(speedups))  # 2%: timing noise
+            trend = " -> ".join(f"{s:.2f}x" for s in speedups)
+            lines.append(f"- {KIND_TITLES[kind]}, rising with frames: {trend}: {'yes' if rising else 'NO'}")
+    worst = max(r["scorer"]["train_fraction"] for r in rows)
+    worst_forward = max(r["scorer"]["forward_fraction"] for r in rows)
+    verdict = "met" if max(worst, worst_forward) < 0.03 else "NOT met"
+    lines.append(
+        f"- scorer cost, worst case: {worst_forward:.1%} of the baseline forward, {worst:.1%} of the baseline "
+        f"whole-model training step (target < 3%): {verdict}"
+    )
+    return lines
+
+
+def markdown(results: list[dict], settings: dict[str, Any]) -> str:
+    """`speed.md`: how the run was made, then per family its tables and targets.
+
+    No title and level-4 family headings: benchmarks/readme_results.py pastes this file under README's "### Speed".
+
+    Args:
+        results (`list[dict]`): the result rows.
+        settings (`dict[str, Any]`): the run's settings.
+
+    Returns:
+        `str`: the markdown.
+    """
+    lines = [
+        f"Machine: {settings['machine']}. Frames {settings['size']} px, prune_layer {settings['prune_layer']}, one "
+        "video per batch (text prompt + video + 2-token answer). Baseline (`disable_stts()`) and STTS alternated "
+        "round-robin over the ratios of a frame count, in one process; medians of `repeats` runs after a warm-up.",
+        "",
+        f"Command: `{settings.get('command', LEGACY_COMMAND)} {' '.join(settings['argv'])}` "
+        f"({settings['seconds'] / 60:.1f} min).",
+        "",
+        "- Cells `measured / ideal (fraction of ideal)`: measured = baseline time / STTS time; ideal = baseline FLOPs "
+        "/ STTS FLOPs from the analytic matmul count (ViT blocks before and after the prune point with attention's "
+        "quadratic term over the segments actually used, connector, LLM with its attention, lm_head, scorer), with "
+        "the kept units of a real forward. 'As executed' counts what the implementation runs (LLaVA-OneVision: packed "
+        "rows of the full frame length, projector on every patch). Like FlopCounterMode, the count holds matrix "
+        "products only: norms, activations, RoPE, softmax and kernel efficiency (e.g. the slow CPU Conv3d patch "
+        "embedding, a fixed cost) are outside the ideal.",
+        "- generate: `generate(max_new_tokens=16, min_new_tokens=16, do_sample=False)`, prompt without the answer.",
+        "- train, scorer only: `STTSConfig(train_base_model=False)`; the baseline is the frozen bare model "
+        "back-propagating from the loss to the output of ViT block prune_layer (the path the scorer's gradient "
+        "takes). train, whole model: `train_base_model=True`. Step = forward + backward + zero_grad, no optimizer.",
+        "- peak memory: "
+        + (
+            "increase of `torch.cuda.max_memory_allocated` during the first whole-model training step in a fresh "
+            "process, baseline vs STTS"
+            if settings["device"].startswith("cuda")
+            else "increase of the peak RSS (Linux VmHWM, reset through /proc/self/clear_refs just before; ru_maxrss "
+            "elsewhere) during the first whole-model training step in a fresh process (forkserver), baseline vs STTS"
+        )
+        + ".",
+        "- scorer: the scoring step alone (unit gathering, scorer, aux loss, key bias, selection) on block "
+        "prune_layer's output, as a share of the baseline forward / of the baseline whole-model training step (with "
+        "its backward). 'STTS at ratio 0' is a full STTS forward pruning nothing, against the baseline.",
+        "",
+    ]
+    for name in dict.fromkeys(r["family"] for r in results):
+        rows = [r for r in results if r["family"] == name]
+        lines += [f"#### {FAMILIES[name].description}", "", *speedup_table(rows), "", "Targets:", ""]
+        lines += [*target_lines(rows, settings["main_ratio"]), "", "Times, baseline -> STTS:", ""]
+        lines += [*times_table(rows), "", "FLOPs (FlopCounterMode with the math SDPA backend):", ""]
+        lines += [*flop_check_table(rows), ""]
+    return "\n".join(lines)
+
+
+def plot_panel(axis: Any, rows: list[dict], kind: str) -> None:
+    """One family's speed-up of one kind vs frames: per ratio, measured (solid) and ideal (dashed, same colour)."""
+    for index, ratio in enumerate(sorted({r["prune_ratio"] for r in rows})):
+        points = sorted((r["frames"], r[kind]["speedup"], r[kind]["ideal"]) for r in rows if r["prune_ratio"] == ratio)
+        frames, measured, ideal = zip(*points)
+        axis.plot(frames, measured, "o-", color=f"C{index}", label=f"{ratio:.0%} measured")
+        axis.plot(frames, ideal, "--", color=f"C{index}", marker="x", alpha=0.7, label=f"{ratio:.0%} ideal")
+    ticks = sorted({r["frames"] for r in rows})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ticks, [str(t) for t in ticks])
+    axis.axhline(1.0, color="grey", linewidth=0.5)
+    axis.set_title(f"{rows[0]['family']}: {KIND_TITLES[kind]}", fontsize=9)
+    axis.set_xlabel("frames")
+    axis.set_ylabel("speed-up")
+    axis.grid(alpha=0.3)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Speed-up vs frames, a row of panels per family, a panel per measurement kind."""
+    families = list(dict.fromkeys(r["family"] for r in results))
+    figure, axes = pyplot().subplots(
+        len(families), len(KINDS), figsize=(4 * len(KINDS), 3.4 * len(families)), squeeze=False
+    )
+    for row_axes, name in zip(axes, families):
+        for axis, kind in zip(row_axes, KINDS):
+            plot_panel(axis, [r for r in results if r["family"] == name], kind)
+        row_axes[0].legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def write_outputs(results: list[dict], settings: dict[str, Any], out: str) -> str:
+    """Write `speed.json`, `speed.md` and `speed.png` into `out`.
+
+    Args:
+        results (`list[dict]`): the result rows (`benchmark_family`'s).
+        settings (`dict[str, Any]`): the run's settings (machine, size, command line, ...).
+        out (`str`): the folder.
+
+    Returns:
+        `str`: the markdown.
+    """
+    data = {"settings": settings, "results": results}
+    return write_report(out, "speed", data, data_markdown, data_plot)
+
+
+def render(out: str) -> str:
+    """Rewrite `speed.md` and `speed.png` in `out` from its `speed.json`; returns the markdown."""
+    return render_report(out, "speed", data_markdown, data_plot)[1]
+
+
+def data_markdown(data: dict[str, Any]) -> str:
+    """`markdown` of the contents of `speed.json`."""
+    return markdown(data["results"], data["settings"])
+
+
+def data_plot(data: dict[str, Any], path: str) -> None:
+    """`plot` of the contents of `speed.json`."""
+    plot(data["results"], path)

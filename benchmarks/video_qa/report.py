@@ -1,0 +1,217 @@
+"""The video-QA report: the machine, `video_qa.md` (tables, the scorer's health, the claims) and `video_qa.png`."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+from benchmarks.common import cpu_model, pyplot, render_report, save_figure, table_header, table_row, write_report
+from benchmarks.video_qa.data import TASKS
+from benchmarks.video_qa.rows import REGIMES, ROWS
+from benchmarks.video_qa.train import TEXT_LAYERS, TEXT_WIDTH
+
+
+def machine() -> str:
+    """The CPU model, core count and torch version."""
+    return (
+        f"{cpu_model(platform.machine())} CPU ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+
+
+def percent(value: float | None) -> str:
+    """A percentage with one decimal, "-" for None."""
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """`video_qa.md`: the settings, the tables (one per task, both regimes side by side), the scorer's health and the
+    claims.
+
+    Args:
+        report (`dict[str, Any]`): the contents of `video_qa.json`.
+
+    Returns:
+        `str`: the markdown.
+    """
+    by_key = {(s["name"], s["regime"]): s for s in report["summary"]}
+    lines = settings_lines(report)
+    for task in TASKS:
+        lines += task_table(task, by_key)
+    lines += health_table(report["summary"]) + claims_table(report["claims"])
+    return "\n".join(lines) + "\n"
+
+
+def settings_lines(report: dict[str, Any]) -> list[str]:
+    """How the report was made: the evaluation, the tasks, the model and its training."""
+    summary, train = report["summary"], report["train"]
+    seeds = sorted({seed for s in summary for seed in s["seeds"]})
+    split = "test" if report["eval_split"] == "test" else "VALIDATION (not the reported test set)"
+    quick = " (--quick: a smoke test, not the benchmark)" if report["quick"] else ""
+    return [
+        f"Synthetic video QA, 4 questions with 4 answers each (chance 25%), {train['eval_size']} held-out {split} "
+        f"clips per task, generated apart from every training clip. Seeds {', '.join(map(str, seeds))}; "
+        f"{report['machine']}, {report['workers']} worker(s); {report['seconds'] / 60:.1f} min in all{quick}.",
+        "",
+        "- **static**: 16 frames of 84x84 px (8 temporal slots x 9 units) of a static textured scene with sensor "
+        "noise; after the first slot a square appears (what colour?), moves out of the centre (which direction?), "
+        "flashes (how many?), appears in a corner (which one?). What changes is exactly what answers: the "
+        "training-free rule's best case.",
+        "- **distractor**: the same questions about 14 px squares, and 4 cells showing a new random picture every "
+        "frame (screens): they change more than the answer does, so at 50% a rule that keeps what changes most "
+        "must drop some of the answer. The learned scorer's reason to exist.",
+        "- **long** (test-time scaling): 32 frames, events on any frame, one-frame flashes. The baseline sees every "
+        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens.",
+        "",
+        f"Model: Qwen2.5-VL (ViT 5x64, LLM {TEXT_LAYERS}x{TEXT_WIDTH}) trained unpruned from a random init on each "
+        f"task's videos (the shared init: {train['pretrain_steps']} steps on static, also used for long, "
+        f"{train['distractor_pretrain_steps']} on distractor). Then every row for {train['steps']} steps (batch "
+        f"{train['batch_size']}, lr {train['lr']:g}, scorer lr {train['scorer_lr']:g}, prune_layer "
+        f"{train['prune_layer']}), in two regimes: **frozen**, the base model stays the init and only STTS's scorer "
+        "trains (a user adding STTS to a trained VLM; the training-free rows are the init evaluated as is), and "
+        "**trained**, every parameter fine-tuned with the row's pruning (the paper's setting). Accuracy in %, mean "
+        "± std over seeds (a seed sets the data order, the scorer's init and the random masks). Video tokens: per "
+        "video, as the LLM sees them. Recall: % of the units the question's event changes (screens excluded) that "
+        "the row keeps. Subsampling keeps 1 temporal slot in 2 (50%) or 5 (80%). Ablations of STTS-50: aux-only "
+        "(`key_bias=False`: no LM gradient reaches the scorer), lm-only (`aux_loss_weight=0`), mse (the paper's "
+        "aux loss, `aux_loss='mse'`). lm-penalty rows: STTS trained by the LM loss alone "
+        "(`aux_loss_weight=0`) with `logit_penalty_weight=0.01`, which keeps its logits unsaturated. two-phase rows "
+        f"(trained regime only): the lm-penalty scorer trained alone on the frozen init for {train['steps']} steps, "
+        f"then the base trained with the scorer frozen for {train['steps']} steps (as many base-training steps as "
+        "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`).",
+    ]
+
+
+def task_table(task: str, by_key: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """The table of one task's rows (nothing if none ran): accuracy and recall in both regimes.
+
+    Args:
+        task (`str`): a key of `TASKS`.
+        by_key (`dict`): the summary by (row name, regime).
+
+    Returns:
+        `list[str]`: the lines, a blank line and the task's name first.
+    """
+    names = [row.name for row in ROWS.values() if row.task == task and any((row.name, r) in by_key for r in REGIMES)]
+    if not names:
+        return []
+    lines = ["", f"**{task}**", ""]
+    columns = ("frozen: accuracy", "frozen: recall", "trained: accuracy", "trained: recall")
+    lines += table_header("row", "video tokens", *columns)
+    for name in names:
+        cells = []
+        for regime in REGIMES:
+            s = by_key.get((name, regime))
+            cells += ["-", "-"] if s is None else [accuracy_cell(s), percent(s["recall"])]
+        tokens = next(by_key[name, r]["video_tokens"] for r in REGIMES if (name, r) in by_key)
+        lines.append(table_row(name, f"{tokens:.1f}", *cells))
+    return lines
+
+
+def accuracy_cell(summary: dict[str, Any]) -> str:
+    """`mean ± std` of a row's accuracy over seeds."""
+    return f"{summary['accuracy_mean']:.1f} ± {summary['accuracy_std']:.1f}"
+
+
+def health_table(summary: list[dict[str, Any]]) -> list[str]:
+    """The learned scorer's health at the end of its training, per row and regime (nothing without a scorer)."""
+    health = [s for s in summary if s["saturated_fraction_last"] is not None]
+    if not health:
+        return []
+    lines = [
+        "",
+        "The learned scorer over the last tenth of its training (means over seeds): saturated scores (within "
+        "1e-4 of 0 or 1, where the sigmoid passes no gradient), the scorer's gradient norm before clipping, the "
+        "aux loss.",
+        "",
+        *table_header("row", "regime", "saturated", "scorer grad norm", "aux loss"),
+    ]
+    return lines + [
+        table_row(
+            s["name"],
+            s["regime"],
+            f"{s['saturated_fraction_last']:.3f}",
+            f"{s['scorer_grad_norm_last']:.2e}",
+            percent(s["aux_loss_last"]) if s["aux_loss_last"] is None else format(s["aux_loss_last"], ".4f"),
+        )
+        for s in health
+    ]
+
+
+def claims_table(checks: list[dict[str, Any]]) -> list[str]:
+    """Every claim, met or not in each regime with its gap in points (nothing without claims)."""
+    if not checks:
+        return []
+    lines = ["", *table_header("claim (paper's, or this project's goal)", *REGIMES)]
+    for claim in dict.fromkeys(c["claim"] for c in checks):
+        cells = []
+        for regime in REGIMES:
+            c = next((c for c in checks if c["claim"] == claim and c["regime"] == regime), None)
+            cells.append("-" if c is None else f"{'yes' if c['met'] else 'no'} ({c['gap']:+.1f} points)")
+        lines.append(table_row(claim, *cells))
+    return lines
+
+
+def plot(summary: list[dict[str, Any]], path: str) -> None:
+    """Accuracy against the fraction of video tokens removed, one line per method, one panel per task and regime."""
+    panels = [
+        (t, r)
+        for t in ("static", "distractor")
+        for r in REGIMES
+        if any(s["task"] == t and s["regime"] == r for s in summary)
+    ]
+    if not panels:
+        return
+    figure, axes = pyplot().subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for axis, (task, regime) in zip(axes[0], panels):
+        points = [s for s in summary if s["task"] == task and s["regime"] == regime and not s["options"]]
+        baseline = next((s for s in points if s["method"] == "none"), None)
+        for method, label in (
+            ("scorer", "STTS"),
+            ("random", "random"),
+            ("similarity", "similarity"),
+            ("subsample", "subsampling"),
+        ):
+            line = sorted((s for s in points if s["method"] == method), key=lambda s: s["ratio"])
+            line = ([baseline] if baseline else []) + line
+            if len(line) < 2:
+                continue
+            axis.errorbar(
+                [100 * s["ratio"] for s in line],
+                [s["accuracy_mean"] for s in line],
+                yerr=[s["accuracy_std"] for s in line],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        axis.axhline(25, color="grey", linestyle=":", label="chance")
+        axis.set(
+            xlabel="video tokens removed (%)", ylabel="test accuracy (%)", title=f"{task}, base {regime}", ylim=(0, 100)
+        )
+        axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def write_outputs(report: dict[str, Any], out: str) -> str:
+    """Write `video_qa.json`, `video_qa.md` and `video_qa.png` into `out`.
+
+    Args:
+        report (`dict[str, Any]`): every run, the summary, the claims and the settings (`main`'s).
+        out (`str`): the folder.
+
+    Returns:
+        `str`: the markdown.
+    """
+    return write_report(out, "video_qa", report, markdown, summary_plot)
+
+
+def render(out: str) -> dict[str, Any]:
+    """Rewrite `video_qa.md` and `video_qa.png` in `out` from its `video_qa.json`; returns the report read."""
+    return render_report(out, "video_qa", markdown, summary_plot)[0]
+
+
+def summary_plot(report: dict[str, Any], path: str) -> None:
+    """`plot` of a report's summary."""
+    plot(report["summary"], path)

@@ -1,0 +1,161 @@
+"""The rows of the tables (`ROWS`: a method at a prune ratio on a task, the ablations) and the batch a row's model
+sees (`build_batch`: frame strides and temporal-slot subsampling applied)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import Qwen2_5_VLConfig
+
+from benchmarks.video_qa.data import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PREFIX,
+    SLOT,
+    Clip,
+    answer_token,
+    question_tokens,
+)
+from stts_adapter.testing import Sample, build_qwen_batch
+
+REGIMES = ("frozen", "trained")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table.
+
+    Args:
+        name (`str`): its label (unique over all tasks).
+        method (`str`): "none" (unpruned), "scorer", "random", "similarity" (STTS methods) or "subsample" (uniform
+            temporal-slot subsampling).
+        ratio (`float`): fraction of video tokens removed (the prune ratio, or the subsampling's target).
+        task (`str`): the video set, a key of `TASKS`.
+        frame_stride (`int`): keep every n-th frame of the video before anything else (the long set's baseline
+            samples half the frames, as a fixed frame budget does).
+        options (`tuple`): `(field, value)` pairs overriding `STTSConfig` defaults: the ablations.
+        two_phase (`bool`): trained regime only: the scorer alone on the frozen base for the row's steps, then the base
+            alone with the scorer frozen for as many steps (`STTSModel.set_trainable`, as
+            `STTSCallback(scorer_first_steps=...)` does).
+    """
+
+    name: str
+    method: str
+    ratio: float = 0.0
+    task: str = "static"
+    frame_stride: int = 1
+    options: tuple[tuple[str, Any], ...] = ()
+    two_phase: bool = False
+
+    @property
+    def regimes(self) -> tuple[str, ...]:
+        """A two-phase row is the lm-penalty row in the frozen regime (its second phase would train nothing)."""
+        return ("trained",) if self.two_phase else REGIMES
+
+    @property
+    def prunes(self) -> bool:
+        """Whether the row wraps the model with STTS."""
+        return self.method in ("scorer", "random", "similarity")
+
+    @property
+    def trains_in_frozen_regime(self) -> bool:
+        """Only a learned scorer has something to train when the base model is frozen."""
+        return self.method == "scorer"
+
+    @property
+    def slot_stride(self) -> int:
+        """Subsampling keeps 1 temporal slot in this many: 1 / (1 - ratio), rounded (50% -> 2, 80% -> 5)."""
+        return round(1 / (1 - self.ratio)) if self.method == "subsample" else 1
+
+
+ABLATIONS = (
+    ("aux-only", (("key_bias", False),)),  # no soft key bias: the LM loss cannot reach the scorer
+    ("lm-only", (("aux_loss_weight", 0.0),)),  # no temporal aux loss: the scorer learns from the answer only
+    ("mse", (("aux_loss", "mse"),)),  # the paper's aux loss (MSE of the sigmoid against 1 - cos)
+)
+
+
+# The scorer trained by the LM loss alone, its logits kept in the sigmoid's slope by the logit penalty (tuned on
+# the validation split: 0.01 over 0.001, seeds 0 and 1, distractor task, base frozen).
+LM_PENALTY = (("aux_loss_weight", 0.0), ("logit_penalty_weight", 0.01))
+
+
+def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
+    """Baseline, STTS, random, similarity and subsampling at 50% and 80% (and the STTS-50 ablations) of one task."""
+    rows = [Row(f"{prefix}baseline", "none", task=task)]
+    for method, label in (
+        ("scorer", "stts"),
+        ("random", "random"),
+        ("similarity", "similarity"),
+        ("subsample", "subsample"),
+    ):
+        rows += [Row(f"{prefix}{label}-{percent}", method, percent / 100, task) for percent in (50, 80)]
+    rows += [
+        Row(f"{prefix}stts-{percent}-lm-penalty", "scorer", percent / 100, task, options=LM_PENALTY)
+        for percent in (50, 80)
+    ]
+    rows += [
+        Row(f"{prefix}stts-{percent}-two-phase", "scorer", percent / 100, task, options=LM_PENALTY, two_phase=True)
+        for percent in (50, 80)
+    ]
+    if ablations:
+        rows += [Row(f"{prefix}stts-50-{name}", "scorer", 0.5, task, options=options) for name, options in ABLATIONS]
+    return rows
+
+
+ROWS = {
+    row.name: row
+    for row in (
+        *task_rows("static", "", ablations=False),
+        *task_rows("distractor", "distractor-", ablations=True),
+        Row("long-baseline", "none", task="long", frame_stride=2),
+        Row("long-stts-50-2x", "scorer", 0.5, task="long"),
+        Row("long-stts-50-2x-lm-penalty", "scorer", 0.5, task="long", options=LM_PENALTY),
+        Row("long-stts-50-2x-two-phase", "scorer", 0.5, task="long", options=LM_PENALTY, two_phase=True),
+    )
+}
+
+
+QUICK_ROWS = ("baseline", "stts-50")
+
+
+# The picture of kept units: STTS-50 on the static and on the distractor task, seed 0, base frozen.
+PICTURE_ROWS = {"stts-50": "kept_units.png", "distractor-stts-50": "kept_units_distractor.png"}
+
+
+def view(video: torch.Tensor, row: Row) -> tuple[torch.Tensor, float]:
+    """The frames `row` gives the model and the seconds one temporal slot of them spans (for M-RoPE time).
+
+    One temporal slot of the full video spans 1 s.
+    """
+    video = video[:: row.frame_stride]
+    slots = video.reshape(-1, SLOT, *video.shape[1:])[:: row.slot_stride]
+    return slots.flatten(0, 1), float(row.frame_stride * row.slot_stride)
+
+
+def kept_slots(slots: int, row: Row) -> torch.Tensor:
+    """`(slots,)` bool: the temporal slots of the full video that subsampling keeps."""
+    keep = torch.zeros(slots, dtype=torch.bool)
+    keep[:: row.slot_stride] = True
+    return keep
+
+
+def build_batch(config: Qwen2_5_VLConfig, clips: Sequence[Clip], row: Row) -> dict[str, torch.Tensor]:
+    """The processor-faithful batch of `clips` as `row` sees them (left padding, labels on the answer only)."""
+    samples, seconds = [], 1.0
+    for clip in clips:
+        frames, seconds = view(clip.video, row)
+        samples.append(
+            Sample(
+                video=(frames - PIXEL_MEAN) / PIXEL_STD,
+                prefix=PREFIX,
+                suffix=question_tokens(clip.question),
+                answer=[answer_token(clip.question, clip.answer)],
+            )
+        )
+    batch = build_qwen_batch(config, samples, padding_side="left")
+    batch["second_per_grid_ts"] = torch.full((len(clips),), seconds)
+    return batch
