@@ -8,29 +8,9 @@ docs/serving.md.
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5_VLConfig
 
 from benchmarks.speed.flops import qwen2_5_vl_flops
-
-
-def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL-3B-Instruct's shapes."""
-    vision = dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=2048,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-    )
-    text = dict(
-        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2
-    )
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text)
+from stts_adapter.testing import qwen2_5_vl_3b_config
 
 
 def main() -> None:

@@ -191,3 +191,41 @@ def test_stts_flops_fall_with_the_ratio_and_equal_baseline_plus_scorer_at_zero(f
             base.bias_block,
         )
         previous = ideal
+
+
+# ------------------------------------------------------------------------------------------------ real sizes, GPUs
+def test_the_3b_family_has_qwen2_5_vl_3b_size() -> None:
+    """The GPU family's config is Qwen2.5-VL-3B's: 3.75B parameters (the released model's size), 0.67B in the ViT.
+    Built on the meta device: no memory, no download."""
+    config = FAMILIES["qwen2_5_vl_3b"].make_config(448)
+    with torch.device("meta"):
+        model = FAMILIES["qwen2_5_vl_3b"].model_class(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == pytest.approx(3.75e9, rel=5e-3)
+    assert sum(p.numel() for p in model.model.visual.parameters()) == pytest.approx(0.67e9, rel=5e-3)
+    assert FAMILIES["qwen2_5_vl_3b"].unit_grid(config, 448) == (16, 16)
+    assert "qwen2_5_vl_3b" not in parse_args([]).family  # opt-in: far too big for the default CPU run
+
+
+def run_quick(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    """`python -m benchmarks.speed --quick --family qwen2_5_vl --no-memory --no-flop-check EXTRA`: its speed.json."""
+    command = [sys.executable, "-m", "benchmarks.speed", "--quick", "--threads", "1", "--family", "qwen2_5_vl"]
+    command += ["--no-memory", "--no-flop-check", "--out", str(tmp_path), *extra]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads((tmp_path / "speed.json").read_text())
+
+
+def test_bfloat16_runs_and_is_recorded(tmp_path: Path) -> None:
+    data = run_quick(tmp_path, "--dtype", "bfloat16")
+    assert data["settings"]["dtype"] == "bfloat16"
+    (row,) = data["results"]
+    assert all(row[kind]["baseline_s"] > 0 and row[kind]["stts_s"] > 0 for kind in KINDS)
+    assert "bfloat16," in (tmp_path / "speed.md").read_text().splitlines()[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_path_in_bfloat16(tmp_path: Path) -> None:
+    data = run_quick(tmp_path, "--device", "cuda", "--dtype", "bfloat16")
+    assert data["settings"]["device"] == "cuda" and "(host:" in data["settings"]["machine"]

@@ -182,7 +182,7 @@ def new_model(family: Family, config: Any, args: argparse.Namespace) -> STTSMode
     the same weights)."""
     torch.manual_seed(0)  # the memory children build the same weights in the same order
     stts_config = STTSConfig(prune_ratio=args.main_ratio, prune_layer=args.prune_layer)
-    return apply_stts(family.model_class(config).to(args.device), stts_config)
+    return apply_stts(family.model(config, args.device, args.dtype, args.attn_implementation), stts_config)
 
 
 def benchmark_family(family: Family, args: argparse.Namespace, progress: tqdm) -> list[dict]:
@@ -198,8 +198,8 @@ def benchmark_family(family: Family, args: argparse.Namespace, progress: tqdm) -
             frames=frames,
             ratios=ratios_at(frames, args),
             repeats=repeats_at(frames, args),
-            batch=family.batch(config, frames, args.size, answer=True, device=args.device),
-            prompt=family.batch(config, frames, args.size, answer=False, device=args.device),
+            batch=family.batch(config, frames, args.size, answer=True, device=args.device, dtype=args.dtype),
+            prompt=family.batch(config, frames, args.size, answer=False, device=args.device, dtype=args.dtype),
         )
         progress.set_postfix_str(f"{family.name}, {frames} frames")
         flops = flop_analysis(model, case, args)

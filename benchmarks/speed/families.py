@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -22,10 +23,13 @@ from stts_adapter.testing import (
     Sample,
     build_qwen_batch,
     moving_square_video,
+    qwen2_5_vl_3b_config,
     small_qwen2_5_vl_config,
     tiny_text_config,
 )
 from stts_adapter.testing.llava_onevision import build_llava_onevision_batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def benchmark_llava_onevision_config(
@@ -83,11 +87,24 @@ class Family:
     unit_grid: Callable[[Any, int], tuple[int, int]]
     flops: Callable[..., FlopCount]
 
-    def batch(self, config: Any, frames: int, size: int, answer: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """One video of `frames` frames at `size` px on `device`; with a 2-token answer (labels) for training,
-        without for `generate`."""
+    def model(self, config: Any, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa") -> nn.Module:
+        """A random-init model of this family on `device`, in `dtype`, with transformers' `attention`
+        implementation."""
+        model = self.model_class(config).to(device=device, dtype=DTYPES[dtype])
+        if attention != "sdpa":
+            model.set_attn_implementation(attention)
+        return model
+
+    def batch(
+        self, config: Any, frames: int, size: int, answer: bool, device: str = "cpu", dtype: str = "float32"
+    ) -> dict[str, torch.Tensor]:
+        """One video of `frames` frames at `size` px on `device` (pixels in `dtype`); with a 2-token answer (labels)
+        for training, without for `generate`."""
         sample = Sample(video=moving_square_video(frames, size, size), answer=[5, 6] if answer else None)
-        return {name: value.to(device) for name, value in self.build_batch(config, [sample]).items()}
+        return {
+            name: value.to(device, DTYPES[dtype] if value.is_floating_point() else value.dtype)
+            for name, value in self.build_batch(config, [sample]).items()
+        }
 
 
 def qwen_unit_grid(config: Any, size: int) -> tuple[int, int]:
@@ -113,6 +130,16 @@ FAMILIES = {
         unit_grid=qwen_unit_grid,
         flops=qwen2_5_vl_flops,
     ),
+    "qwen2_5_vl_3b": Family(
+        name="qwen2_5_vl_3b",
+        description="Qwen2.5-VL-3B's shapes (ViT 32x1280 with windows of 4x4 units and full attention in blocks 7, 15, "
+        "23, 31, LLM 36x2048, random init); varlen ViT",
+        model_class=Qwen2_5_VLForConditionalGeneration,
+        make_config=lambda size: qwen2_5_vl_3b_config(),
+        build_batch=build_qwen_batch,
+        unit_grid=qwen_unit_grid,
+        flops=qwen2_5_vl_flops,
+    ),
     "llava_onevision": Family(
         name="llava_onevision",
         description="LLaVA-OneVision-style model (SigLIP 12x256, MLP 1024, LLM 8x512, random init); frames run as "
@@ -124,3 +151,4 @@ FAMILIES = {
         flops=llava_onevision_flops,
     ),
 }
+DEFAULT_FAMILIES = ("qwen2_5_vl", "llava_onevision")  # the 3B shapes are for GPUs (~15 GB in float32)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from benchmarks import speed
 from benchmarks.common import RESULTS, argument_parser, command
 from benchmarks.speed.benchmark import benchmark_family
-from benchmarks.speed.families import FAMILIES
+from benchmarks.speed.families import DEFAULT_FAMILIES, DTYPES, FAMILIES
 from benchmarks.speed.memory import attach_memory, measure_memory
 from benchmarks.speed.profiling import profile_family
 from benchmarks.speed.report import machine_name, render, write_outputs
@@ -31,7 +31,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         `argparse.Namespace`: the options.
     """
     parser = argument_parser(speed.__doc__, command("speed"))
-    parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument(
+        "--family",
+        nargs="+",
+        choices=sorted(FAMILIES),
+        default=list(DEFAULT_FAMILIES),
+        help=f"model families (default: {' '.join(DEFAULT_FAMILIES)}; qwen2_5_vl_3b has Qwen2.5-VL-3B's real shapes, "
+        "for a GPU: --device cuda --dtype bfloat16 --frames 128)",
+    )
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.8])
     parser.add_argument("--main-ratio", type=float, default=0.5, help="the ratio measured at every frame count")
@@ -51,6 +58,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default 224; --quick: 112)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (timings synchronize; memory from CUDA)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="the model's and the pixels' dtype (default float32)"
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        help="the base model's attention (transformers' attn_implementation): sdpa (default), eager, or "
+        "flash_attention_2 on a GPU with flash-attn installed (STTS's biased block k+1 keeps SDPA: it adds a key bias)",
+    )
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     parser.add_argument("--no-flop-check", dest="flop_check", action="store_false", help="skip FlopCounterMode")
@@ -109,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = {
         "machine": machine_name(args.threads, args.device),
         "device": args.device,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn_implementation,
         "size": args.size,
         "prune_layer": args.prune_layer,
         "main_ratio": args.main_ratio,

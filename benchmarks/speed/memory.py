@@ -79,9 +79,10 @@ def memory_child(family_name: str, frames: int, ratio: float | None, settings: d
     torch.manual_seed(0)
     config = family.make_config(settings["size"])
     stts_config = STTSConfig(prune_ratio=ratio or 0.0, prune_layer=settings["prune_layer"], train_base_model=True)
-    model = apply_stts(family.model_class(config).to(settings["device"]), stts_config)
+    device, dtype = settings["device"], settings["dtype"]
+    model = apply_stts(family.model(config, device, dtype, settings["attn_implementation"]), stts_config)
     model.train()
-    step = train_step(model, family.batch(config, frames, settings["size"], answer=True, device=settings["device"]))
+    step = train_step(model, family.batch(config, frames, settings["size"], answer=True, device=device, dtype=dtype))
     return step_peak_mib(bare(model, step) if ratio is None else step, settings["device"])
 
 
@@ -102,7 +103,14 @@ def fresh_process_context() -> Any:
 def measure_memory(jobs: list[tuple[str, int, float | None]], args: argparse.Namespace) -> dict[tuple, dict]:
     """Run every memory job in a fresh process of its own (max_tasks_per_child=1: a worker never serves two jobs).
     RSS does not depend on what else runs, so jobs run in parallel on the cores the timing used."""
-    settings = {"threads": args.threads, "size": args.size, "prune_layer": args.prune_layer, "device": args.device}
+    settings = {
+        "threads": args.threads,
+        "size": args.size,
+        "prune_layer": args.prune_layer,
+        "device": args.device,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn_implementation,
+    }
     workers = 1 if args.device != "cpu" else max(1, min(len(jobs), (os.cpu_count() or 1) // args.threads))
     context = fresh_process_context()
     with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:

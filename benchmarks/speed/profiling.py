@@ -54,7 +54,7 @@ def profile_family(family: Family, args: argparse.Namespace) -> None:
     config = family.make_config(args.size)
     model = rewrap(new_model(family, config, args), train_base_model=True)
     model.set_prune_ratio(ratio)
-    batch = family.batch(config, frames, args.size, answer=True, device=args.device)
+    batch = family.batch(config, frames, args.size, answer=True, device=args.device, dtype=args.dtype)
     for kind, training in (("forward", False), ("training step, whole model", True)):
         model.train(training)
         step = train_step(model, batch) if training else forward_step(model, batch)

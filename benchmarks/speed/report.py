@@ -179,8 +179,12 @@ def markdown(results: list[dict], settings: dict[str, Any]) -> str:
     Returns:
         `str`: the markdown.
     """
+    precision = "" if settings.get("dtype", "float32") == "float32" else f" {settings['dtype']},"
+    attention = settings.get("attn_implementation", "sdpa")
+    precision += "" if attention == "sdpa" else f" attention {attention},"
     lines = [
-        f"Machine: {settings['machine']}. Frames {settings['size']} px, prune_layer {settings['prune_layer']}, one "
+        f"Machine: {settings['machine']}.{precision} Frames {settings['size']} px, prune_layer "
+        f"{settings['prune_layer']}, one "
         "video per batch (text prompt + video + 2-token answer). Baseline (`disable_stts()`) and STTS alternated "
         "round-robin over the ratios of a frame count, in one process; medians of `repeats` runs after a warm-up.",
         "",

@@ -23,6 +23,7 @@ from .common import (
 )
 from .qwen import (
     build_qwen_batch,
+    qwen2_5_vl_3b_config,
     qwen_patchify,
     qwen_video_units,
     small_qwen2_5_vl_config,
@@ -44,6 +45,7 @@ __all__ = [
     "build_qwen_batch",
     "moving_square_video",
     "pad_rows",
+    "qwen2_5_vl_3b_config",
     "qwen_patchify",
     "qwen_video_units",
     "small_qwen2_5_vl_config",

@@ -67,6 +67,41 @@ def small_qwen2_5_vl_config(
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **special_tokens())
 
 
+def qwen2_5_vl_3b_config():
+    """Qwen2.5-VL-3B-Instruct's shapes (ViT 32 x 1280, windows of 112 px with full attention in blocks 7, 15, 23,
+    31; LLM 36 x 2048 with 16 heads and 2 KV heads), for random-weight models of real size: the GPU speed benchmark
+    (`python -m benchmarks.speed --family qwen2_5_vl_3b`) and the serving estimate. No weights are downloaded. The
+    special tokens are the tiny tokenizer's (`special_tokens`), so the test batch builders lay its inputs out.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        tokens_per_second=2,
+    )
+    text = {
+        **tiny_text_config(),  # the tiny tokenizer's special ids
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 128000,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    }
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **special_tokens())
+
+
 def tiny_qwen2_vl_config(**vision_overrides: Any):
     """A Qwen2-VL config with a 4-block, 64-wide ViT and a 2-layer, 64-wide LLM."""
     from transformers import Qwen2VLConfig
