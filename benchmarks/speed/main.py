@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks import speed
-from benchmarks.common import RESULTS, argument_parser, command
+from benchmarks.common import RESULTS, argument_parser, command, read_json
 from benchmarks.speed.benchmark import benchmark_family
 from benchmarks.speed.families import DEFAULT_FAMILIES, DTYPES, FAMILIES
 from benchmarks.speed.memory import attach_memory, measure_memory
@@ -69,11 +69,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    parser.add_argument(
+        "--memory-workers", type=int, help="peak-memory processes at a time (default: cores / threads; CUDA: 1)"
+    )
     parser.add_argument("--no-flop-check", dest="flop_check", action="store_false", help="skip FlopCounterMode")
     parser.add_argument("--quick", action="store_true", help="smoke mode: 8 frames of 112 px, one ratio, 1 repeat")
     parser.add_argument("--profile", action="store_true", help="profile frames[0], ratios[0] instead of benchmarking")
     parser.add_argument(
         "--render", action="store_true", help="only rewrite speed.md and speed.png from --out/speed.json"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's rows to --out/speed.json (replacing rows of the same family, frames and ratio) instead "
+        "of starting a new report; the machine and settings must be the same",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -103,6 +112,33 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         )
         attach_memory(results, measure_memory(jobs, args))
     return results
+
+
+COMPARABLE = ("machine", "device", "dtype", "attn_implementation", "size", "prune_layer", "main_ratio", "threads")
+
+
+def merged_report(out: str, results: list[dict], settings: dict) -> tuple[list[dict], dict]:
+    """`--merge`: the report in `out` with this run's rows in place of (or beside) its rows of the same family, frame
+    count and ratio, and this run's command line recorded under `settings["merged"]`.
+
+    Raises:
+        SystemExit: if there is no report there, or it was made with other settings or on another machine.
+    """
+    path = os.path.join(out, "speed.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--merge: there is no {path} to add to; run without --merge first.")
+    earlier = read_json(path)
+    old_settings = earlier["settings"]
+    defaults = {"dtype": "float32", "attn_implementation": "sdpa"}  # reports from before these options
+    different = [k for k in COMPARABLE if old_settings.get(k, defaults.get(k)) != settings[k]]
+    if different:
+        raise SystemExit(f"--merge: {path} was made with other {', '.join(different)}; its rows would not compare.")
+    key = lambda row: (row["family"], row["frames"], row["prune_ratio"])
+    new = {key(row) for row in results}
+    rows = [row for row in earlier["results"] if key(row) not in new] + results
+    rows.sort(key=lambda row: (list(FAMILIES).index(row["family"]), row["frames"], row["prune_ratio"]))
+    merged = {k: settings[k] for k in ("argv", "seconds")}
+    return rows, {**old_settings, "merged": [*old_settings.get("merged", []), merged]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -135,5 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "command": command("speed"),
     }
+    if args.merge:
+        results, settings = merged_report(args.out, results, settings)
     print(write_outputs(results, settings, args.out))
     print(f"Wrote speed.json, speed.md, speed.png to {args.out} in {settings['seconds']:.0f} s.")

@@ -112,6 +112,8 @@ def measure_memory(jobs: list[tuple[str, int, float | None]], args: argparse.Nam
         "attn_implementation": args.attn_implementation,
     }
     workers = 1 if args.device != "cpu" else max(1, min(len(jobs), (os.cpu_count() or 1) // args.threads))
+    if args.memory_workers is not None:
+        workers = args.memory_workers  # e.g. 1 when two of the largest steps would not fit in RAM together
     context = fresh_process_context()
     with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {job: pool.submit(memory_child, *job, settings) for job in jobs}

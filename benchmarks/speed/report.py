@@ -139,17 +139,25 @@ def flop_check_table(rows: list[dict]) -> list[str]:
 
 
 def target_lines(rows: list[dict], main_ratio: float) -> list[str]:
-    """The issue's targets, checked on this family's rows."""
+    """The targets of the speed issue, checked on this family's rows: at 32 frames every kind within 95% of its
+    FLOP ideal; at 128 frames >= 1.6x; speed-ups rising with frames; the scorer < 2% of the baseline."""
     main = sorted((r for r in rows if r["prune_ratio"] == main_ratio), key=lambda r: r["frames"])
-    at32 = next((r for r in main if r["frames"] == 32), None)
+    at = {r["frames"]: r for r in main}
     lines = []
-    if at32 is not None:
+    if 32 in at:
         for kind in KINDS:
-            e = at32[kind]
-            verdict = "met" if e["speedup"] >= 1.6 and e["of_ideal"] >= 0.9 else "NOT met"
+            e = at[32][kind]
+            verdict = "met" if e["of_ideal"] >= 0.95 else "NOT met"
             lines.append(
                 f"- {KIND_TITLES[kind]} at 32 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.0%} of "
-                f"ideal (target >= 1.6x and >= 90%): {verdict}"
+                f"ideal (target >= 95% of ideal): {verdict}"
+            )
+    if 128 in at:
+        for kind in KINDS:
+            e = at[128][kind]
+            lines.append(
+                f"- {KIND_TITLES[kind]} at 128 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.0%} of "
+                f"ideal (target >= 1.6x): {'met' if e['speedup'] >= 1.6 else 'NOT met'}"
             )
     for kind in KINDS:
         speedups = [r[kind]["speedup"] for r in main]
@@ -159,10 +167,10 @@ def target_lines(rows: list[dict], main_ratio: float) -> list[str]:
             lines.append(f"- {KIND_TITLES[kind]}, rising with frames: {trend}: {'yes' if rising else 'NO'}")
     worst = max(r["scorer"]["train_fraction"] for r in rows)
     worst_forward = max(r["scorer"]["forward_fraction"] for r in rows)
-    verdict = "met" if max(worst, worst_forward) < 0.03 else "NOT met"
+    verdict = "met" if max(worst, worst_forward) < 0.02 else "NOT met"
     lines.append(
         f"- scorer cost, worst case: {worst_forward:.1%} of the baseline forward, {worst:.1%} of the baseline "
-        f"whole-model training step (target < 3%): {verdict}"
+        f"whole-model training step (target < 2%): {verdict}"
     )
     return lines
 
@@ -189,7 +197,12 @@ def markdown(results: list[dict], settings: dict[str, Any]) -> str:
         "round-robin over the ratios of a frame count, in one process; medians of `repeats` runs after a warm-up.",
         "",
         f"Command: `{settings.get('command', LEGACY_COMMAND)} {' '.join(settings['argv'])}` "
-        f"({settings['seconds'] / 60:.1f} min).",
+        f"({settings['seconds'] / 60:.1f} min)"
+        + "".join(
+            f"; then `{settings['command']} {' '.join(run['argv'])}` ({run['seconds'] / 60:.1f} min)"
+            for run in settings.get("merged", [])
+        )
+        + ".",
         "",
         "- Cells `measured / ideal (fraction of ideal)`: measured = baseline time / STTS time; ideal = baseline FLOPs "
         "/ STTS FLOPs from the analytic matmul count (ViT blocks before and after the prune point with attention's "
