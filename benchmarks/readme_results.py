@@ -27,7 +27,9 @@ PARTS = (
     (
         "Speed",
         f"`{command('speed')}` (baseline and STTS alternated in one process, medians; the ideal is the ratio "
-        "of counted FLOPs)",
+        f"of counted FLOPs; on a GPU, Qwen2.5-VL-3B's real shapes with random weights: `{command('speed')} --family "
+        "qwen2_5_vl_3b --device cuda --dtype bfloat16 --frames 32 128 --ratios 0.5`, not run here: this machine "
+        "has no GPU)",
         "speed.md",
         (("speed-up against frames, with the FLOP ideal", "speed.png"),),
     ),
@@ -38,9 +40,9 @@ PARTS = (
         "video_qa.md",
         (
             ("accuracy per method and prune ratio", "video_qa.png"),
-            ("kept units of STTS-50 on the static task, base frozen (pruned units darkened)", "kept_units.png"),
+            ("kept units of STTS-50 on the static task, base frozen (pruned units in grey)", "kept_units.png"),
             (
-                "kept units of STTS-50 on the distractor task, base frozen (pruned units darkened)",
+                "kept units of STTS-50 on the distractor task, base frozen (pruned units in grey)",
                 "kept_units_distractor.png",
             ),
         ),

@@ -13,7 +13,7 @@ from stts_adapter.visualization import kept_pixels, render_kept_units
 
 
 def draw_kept_units(model: torch.nn.Module, clips: Sequence[Clip], row: Row, path: str) -> None:
-    """Frames of test clips with the units `model` pruned dimmed (stts_adapter.visualization), stacked."""
+    """Frames of test clips with the units `model` pruned in grey (stts_adapter.visualization), stacked."""
     from PIL import Image
 
     model.eval()
