@@ -17,6 +17,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, RepoUrl
 from safetensors.torch import load_file
+from test_adapter_io import assert_untouched, snapshot
 from test_qwen_vl import two_video_batch
 
 import stts_adapter.files
@@ -131,23 +132,6 @@ def test_revision_selects_a_branch_or_a_commit(load, cached_repo, revision, expe
     assert all(f"{os.sep}snapshots{os.sep}{commit}{os.sep}" in p for p in downloads)
 
 
-def snapshot_of(model):
-    return {
-        "modules": {name: type(m) for name, m in model.named_modules()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "state": {name: t.clone() for name, t in model.state_dict().items()},
-    }
-
-
-def assert_untouched(model, before):
-    assert not [n for n, m in model.named_modules() if type(m).__name__.startswith("STTS")]
-    assert {name: type(m) for name, m in model.named_modules()} == before["modules"]
-    assert {name: p.requires_grad for name, p in model.named_parameters()} == before["requires_grad"]
-    state = model.state_dict()
-    assert list(state) == list(before["state"])
-    assert all(torch.equal(state[k], before["state"][k]) for k in state)
-
-
 @pytest.mark.parametrize(
     ("repo_id", "revision"),
     [
@@ -159,7 +143,7 @@ def assert_untouched(model, before):
 )
 def test_what_the_offline_cache_lacks_is_refused_fast(load, cached_repo, repo_id, revision):
     model = load()
-    before = snapshot_of(model)
+    before = snapshot(model)
     start = time.perf_counter()
     with pytest.raises(AdapterLoadError, match=re.escape(repo_id)) as info:
         STTSModel.from_pretrained(model, repo_id, revision=revision)
@@ -174,7 +158,7 @@ def test_cached_snapshot_without_weights_is_refused(load, hub_cache, tmp_path):
     (tmp_path / "a" / "stts_model.safetensors").unlink()
     add_to_cache(hub_cache, REPO_ID, refs={"main": COMMIT_MAIN}, snapshots={COMMIT_MAIN: tmp_path / "a"})
     model = load()
-    before = snapshot_of(model)
+    before = snapshot(model)
     with pytest.raises(AdapterLoadError, match=re.escape("stts_model.safetensors")):
         STTSModel.from_pretrained(model, REPO_ID)
     assert_untouched(model, before)
@@ -184,7 +168,7 @@ def test_cached_adapter_for_another_architecture_is_refused(load, hub_cache, tmp
     make_adapter(load, tmp_path / "a", seed=0, prune_ratio=0.5, family="qwen2_vl")
     add_to_cache(hub_cache, REPO_ID, refs={"main": COMMIT_MAIN}, snapshots={COMMIT_MAIN: tmp_path / "a"})
     model = load()
-    before = snapshot_of(model)
+    before = snapshot(model)
     with pytest.raises(AdapterLoadError, match="Qwen2VLForConditionalGeneration") as info:
         STTSModel.from_pretrained(model, REPO_ID)
     assert "Qwen2_5_VLForConditionalGeneration" in str(info.value) and REPO_ID in str(info.value)

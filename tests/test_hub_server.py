@@ -22,6 +22,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, hf_hub_download
 from olah_server import INSTALL_HINT, REPO_ROOT, MirrorRepos, OlahServer, free_port, olah_cli
+from test_adapter_io import assert_untouched, snapshot
 from test_qwen_vl import two_video_batch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -109,22 +110,6 @@ def assert_same_scorer(loaded, expected):
     state = loaded.scorer.state_dict()
     for key, tensor in expected.scorer.state_dict().items():
         assert torch.equal(state[key], tensor), key
-
-
-def snapshot_of(model):
-    return {
-        "modules": {name: type(m) for name, m in model.named_modules()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "state": {name: t.clone() for name, t in model.state_dict().items()},
-    }
-
-
-def assert_untouched(model, before):
-    assert not [n for n, m in model.named_modules() if type(m).__name__.startswith("STTS")]
-    assert {name: type(m) for name, m in model.named_modules()} == before["modules"]
-    assert {name: p.requires_grad for name, p in model.named_parameters()} == before["requires_grad"]
-    state = model.state_dict()
-    assert all(torch.equal(state[k], before["state"][k]) for k in before["state"])
 
 
 # --------------------------------------------------------------------------------------------- the helper itself
@@ -216,7 +201,7 @@ def test_what_was_pulled_loads_offline_afterwards(load, published, hub, monkeypa
 )
 def test_what_the_server_lacks_is_refused(load, published, hub, repo_id, revision, named):
     model = load()
-    before = snapshot_of(model)
+    before = snapshot(model)
     with pytest.raises(AdapterLoadError, match=re.escape(named)) as info:
         STTSModel.from_pretrained(model, repo_id, revision=revision)
     assert repo_id in str(info.value)
@@ -237,7 +222,7 @@ def test_an_adapter_for_another_base_model_is_refused_naming_both(load, olah, hu
     make_adapter(tmp_path / "other", seed=0, prune_ratio=0.5, model=make_model())
     olah.mirrors.commit(repo, tmp_path / "other")
     model = load()
-    before = snapshot_of(model)
+    before = snapshot(model)
     with pytest.raises(AdapterLoadError) as info:
         STTSModel.from_pretrained(model, repo)
     message = str(info.value)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_conformance import CASES
 from torch.nn.modules import module as torch_module
 
 from stts_adapter import STTSConfig, STTSConfigError, STTSInputError, STTSModel, apply_stts, register_architecture
@@ -26,29 +27,13 @@ from stts_adapter.runtime import active_pass
 from stts_adapter.selection import VideoLayout, select_units
 from stts_adapter.sequence import pad_token_id
 from stts_adapter.testing import Sample, tokenize
-from stts_adapter.testing.glm4v import GLM4V
 from stts_adapter.testing.internvl import INTERNVL
-from stts_adapter.testing.llava_next_video import LLAVA_NEXT_VIDEO
 from stts_adapter.testing.llava_onevision import LLAVA_ONEVISION
 from stts_adapter.testing.molmo2 import MOLMO2
 from stts_adapter.testing.qwen import QWEN2_5_VL, QWEN2_VL
-from stts_adapter.testing.qwen3_vl import QWEN3_VL
 from stts_adapter.testing.smolvlm import SMOLVLM
-from stts_adapter.testing.video_llava import VIDEO_LLAVA
 from stts_adapter.testing.vision import CLIP_VISION, SIGLIP2_VISION, SIGLIP_VISION, TIMM_VIT
 
-CASES = [
-    QWEN2_5_VL,
-    QWEN2_VL,
-    QWEN3_VL,
-    GLM4V,
-    LLAVA_ONEVISION,
-    LLAVA_NEXT_VIDEO,
-    VIDEO_LLAVA,
-    SMOLVLM,
-    INTERNVL,
-    MOLMO2,
-]
 VARLEN_CASES = [case for case in CASES if not case.packs_rows]  # one packed ViT sequence, units from video_grid_thw
 VISION_CASES = [TIMM_VIT, SIGLIP_VISION, CLIP_VISION, SIGLIP2_VISION]
 RATIO = 0.5
