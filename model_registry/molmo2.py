@@ -14,11 +14,14 @@ positions) and a bidirectional block over `mm_token_type_ids == 1`, which the co
 
 The adapter reads its layers in the original layout, so they are captured (scattered back by the core) and
 `encode_videos` applies the adapter itself, mirroring `Molmo2Model.get_video_features` /
-`Molmo2Model.get_image_features` of transformers 5.23, on the kept windows only.
+`Molmo2Model.get_image_features` of transformers 5.23, on the kept windows only. From 5.25 the processor indexes each
+video's pooling windows into its own patches; `batch_pooling` turns them back into batch-wide indices.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -34,6 +37,29 @@ from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 # `Molmo2VideoProcessor.pooling_size` of transformers 5.23. The pooling window is a processor setting that the model
 # config does not record; it only labels saved adapters (the layout reads the real window from the batch).
 PROCESSOR_POOLING_SIZE = (3, 3)
+
+
+@functools.cache
+def pooling_indexes_each_video() -> bool:
+    """Whether the installed transformers reads `video_token_pooling` per video (5.25 on: each video's windows index
+    its own patches, `get_image_features` adds the earlier videos' patches) rather than over the whole batch's
+    patches (5.23, 5.24). Read from `get_image_features`' signature, which gained `image_num_crops` with the change."""
+    from transformers.models.molmo2.modeling_molmo2 import Molmo2Model
+
+    return "image_num_crops" in inspect.signature(Molmo2Model.get_image_features).parameters
+
+
+def batch_pooling(inputs: dict[str, Any], layout: VideoLayout, tokens_per_frame: int) -> torch.Tensor:
+    """`video_token_pooling` as flat indices into all the call's patches `(frames * tokens_per_frame)`, whichever
+    convention the installed transformers uses (`pooling_indexes_each_video`)."""
+    pooling = inputs["video_token_pooling"].long()
+    if not pooling_indexes_each_video():
+        return pooling
+    patches_per_video = torch.tensor(layout.frames_per_video, device=pooling.device) * tokens_per_frame
+    first_patch = patches_per_video.cumsum(0) - patches_per_video
+    units = torch.tensor([frames * units for frames, units in zip(layout.frames_per_video, layout.units_per_frame)])
+    offset = first_patch.repeat_interleave(units.to(pooling.device), output_size=pooling.shape[0])
+    return torch.where(pooling >= 0, pooling + offset[:, None], pooling)
 
 
 @register_architecture
@@ -84,6 +110,7 @@ class Molmo2Entry(FrameBatchViTEntry):
                 f"video_grids describes {layout.num_frames} frames and {layout.num_units} windows; build the batch "
                 "with the Molmo2 processor."
             )
+        pooling = batch_pooling({"video_token_pooling": pooling}, layout, tokens_per_frame)
         valid = pooling >= 0
         unit = torch.arange(layout.num_units)[:, None].expand_as(pooling)
         patches, units = pooling[valid], unit[valid]
@@ -118,7 +145,7 @@ class Molmo2Entry(FrameBatchViTEntry):
         depth = model.config.vision_config.num_hidden_layers
         blocks = [block_of_hidden_state(layer, depth) for layer in self.feature_layers(model)]
         features = torch.cat([vision_pass.captured[block] for block in blocks], dim=-1)
-        pooling = inputs["video_token_pooling"].to(features.device)
+        pooling = batch_pooling(inputs, vision_pass.layout, features.shape[1]).to(features.device)
         keep = vision_pass.keep.to(features.device)
         kept = core.multi_modal_projector(features, pooling[keep]).last_hidden_state
         pooled = kept.new_zeros(len(keep), kept.shape[-1]).index_copy(0, torch.nonzero(keep).squeeze(1), kept)

@@ -8,6 +8,7 @@ from transformers import Molmo2ForConditionalGeneration
 
 from stts_adapter import STTSConfig, apply_stts
 from stts_adapter.errors import STTSInputError
+from stts_adapter.model_registry.molmo2 import pooling_indexes_each_video
 from stts_adapter.runtime import active_pass
 from stts_adapter.testing import Sample, moving_square_video
 from stts_adapter.testing.molmo2 import (
@@ -42,9 +43,24 @@ def two_videos(answers=False):
     ]
 
 
+def batch_wide_pooling(batch):
+    """`video_token_pooling` as indices into all the batch's patches: from transformers 5.25 each video's windows
+    index that video's own patches (`pooling_indexes_each_video`), so the earlier videos' patches are added here."""
+    pooling = batch["video_token_pooling"].long()
+    if not pooling_indexes_each_video():
+        return pooling
+    patches_per_frame = batch["pixel_values_videos"].shape[1]
+    offsets, first = [], 0
+    for frames, rows, columns in batch["video_grids"].tolist():
+        offsets += [first] * (frames * rows * columns)
+        first += frames * patches_per_frame
+    offset = torch.tensor(offsets)[:, None]
+    return torch.where(pooling >= 0, pooling + offset, pooling)
+
+
 def unit_of_token(batch):
     """`(frames * patches,)` window of every patch, read off the processor's pooling indices (-1: in none)."""
-    pooling = batch["video_token_pooling"]
+    pooling = batch_wide_pooling(batch)
     token_unit = torch.full((batch["pixel_values_videos"].shape[:2].numel(),), -1)
     rows = torch.arange(pooling.shape[0])[:, None].expand_as(pooling)
     token_unit[pooling[pooling >= 0]] = rows[pooling >= 0]
@@ -117,7 +133,7 @@ def test_the_adapter_reads_both_feature_layers_of_the_kept_windows_in_the_origin
             for block in (3, 4):
                 kept = tower.layers[block](kept, None)
                 layers[block][frame, keep_token[frame]] = kept[0]
-        pooling = batch["video_token_pooling"][keep]
+        pooling = batch_wide_pooling(batch)[keep]
         # vision_feature_layer (-2, 3): hidden_states[-2] and hidden_states[3 + 1], i.e. blocks 4 and 3, in that order
         expected = model.model.multi_modal_projector(torch.cat([layers[4], layers[3]], -1), pooling).last_hidden_state
         swapped = model.model.multi_modal_projector(torch.cat([layers[3], layers[4]], -1), pooling).last_hidden_state

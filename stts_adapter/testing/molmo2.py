@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import stts_adapter.model_registry.molmo2  # noqa: F401
+from stts_adapter.model_registry.molmo2 import pooling_indexes_each_video
 
 from ..sequence import pad_token_id
 from .common import (
@@ -136,7 +136,8 @@ def molmo2_video_patches(
     Args:
         video (`torch.Tensor` of shape `(frames, 3, height, width)`): in [0, 1] (already rescaled).
         config: the model config (square input size and patch size).
-        patch_offset (`int`): patches of the batch's earlier videos (the pooling indices are batch-global).
+        patch_offset (`int`): patches of the batch's earlier videos where the pooling indices are batch-global
+            (transformers before 5.25; 0 from 5.25, see `pooling_indexes_each_video`).
         pooling_size (`tuple[int, int]`): the processor's pooling window.
 
     Returns:
@@ -196,7 +197,7 @@ def build_molmo2_batch(
             raise ValueError("The Molmo2 test batches hold videos only (Molmo2 takes images or videos per call).")
         if sample.video is None:
             return []
-        offset = sum(p.shape[0] * p.shape[1] for p in patches)
+        offset = 0 if pooling_indexes_each_video() else sum(p.shape[0] * p.shape[1] for p in patches)
         video_patches, pooling, grid = molmo2_video_patches(sample.video, config, offset, pooling_size)
         patches.append(video_patches)
         poolings.append(pooling)
