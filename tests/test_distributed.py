@@ -161,10 +161,14 @@ def fsdp_worker(output: str) -> None:
     )
     with open(os.path.join(output, f"rank{rank}.json"), "w") as f:
         json.dump({"local": local, "full": full}, f)
-    # Tear the process group down together: a rank that leaves while the main one still writes its files (each
-    # fsynced) once aborted in gloo's teardown ("terminate called without an active exception").
+    # Tear the process group down together, then leave without running C++ static destructors: under load a rank
+    # still aborted at interpreter exit after destroy_process_group ("terminate called without an active
+    # exception", a joinable std::thread destroyed in torch's gloo teardown), after all its work was written.
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_fsdp2_sharded_scorer_trains_like_one_process_and_saves_whole(tmp_path):
