@@ -15,7 +15,6 @@ from .errors import AdapterLoadError, STTSConfigError
 from .files import parse_json, read_small_file, resolve_adapter_file, write_file_atomically
 from .losses import AUX_LOSSES
 
-WEIGHTS_HASH = "weights_sha256"
 # Sizes beyond any real ViT's (the largest released ones have MLP widths of ~16k and 16-64 heads): refused at config
 # time, before a loader allocates a scorer for them.
 MAX_SCORER_HIDDEN_SIZE = 65536

@@ -119,26 +119,31 @@ def llava_unit_grid(config: Any, size: int) -> tuple[int, int]:
     return pooled, pooled
 
 
+def qwen_family(name: str, description: str, make_config: Callable[[], Any]) -> Family:
+    """A Qwen2.5-VL family of the benchmark: the model class, batch builder, unit grid and FLOP model it shares."""
+    return Family(
+        name=name,
+        description=description,
+        model_class=Qwen2_5_VLForConditionalGeneration,
+        make_config=lambda size: make_config(),
+        build_batch=build_qwen_batch,
+        unit_grid=qwen_unit_grid,
+        flops=qwen2_5_vl_flops,
+    )
+
+
 FAMILIES = {
-    "qwen2_5_vl": Family(
-        name="qwen2_5_vl",
-        description="Qwen2.5-VL-style model (ViT 12x256 with windows of 4x4 units and full attention in blocks "
-        "2, 5, 8, 11, LLM 8x512, random init); varlen ViT",
-        model_class=Qwen2_5_VLForConditionalGeneration,
-        make_config=lambda size: small_qwen2_5_vl_config(),
-        build_batch=build_qwen_batch,
-        unit_grid=qwen_unit_grid,
-        flops=qwen2_5_vl_flops,
+    "qwen2_5_vl": qwen_family(
+        "qwen2_5_vl",
+        "Qwen2.5-VL-style model (ViT 12x256 with windows of 4x4 units and full attention in blocks 2, 5, 8, 11, LLM "
+        "8x512, random init); varlen ViT",
+        small_qwen2_5_vl_config,
     ),
-    "qwen2_5_vl_3b": Family(
-        name="qwen2_5_vl_3b",
-        description="Qwen2.5-VL-3B's shapes (ViT 32x1280 with windows of 4x4 units and full attention in blocks 7, 15, "
-        "23, 31, LLM 36x2048, random init); varlen ViT",
-        model_class=Qwen2_5_VLForConditionalGeneration,
-        make_config=lambda size: qwen2_5_vl_3b_config(),
-        build_batch=build_qwen_batch,
-        unit_grid=qwen_unit_grid,
-        flops=qwen2_5_vl_flops,
+    "qwen2_5_vl_3b": qwen_family(
+        "qwen2_5_vl_3b",
+        "Qwen2.5-VL-3B's shapes (ViT 32x1280 with windows of 4x4 units and full attention in blocks 7, 15, 23, 31, "
+        "LLM 36x2048, random init); varlen ViT",
+        qwen2_5_vl_3b_config,
     ),
     "llava_onevision": Family(
         name="llava_onevision",

@@ -15,9 +15,8 @@ import torch
 from .common import note
 from .video import (
     Normalization,
+    input_preparation,
     load_base_model,
-    load_processor,
-    processor_normalization,
     video_family,
     video_inputs,
     wrap_model,
@@ -56,8 +55,7 @@ def run_bench(args: argparse.Namespace) -> int:
     model = load_base_model(args.model, args.revision, args.dtype, args.device)
     name, family = video_family(model)
     stts = wrap_model(model, args, train=args.train)
-    processor = load_processor(args.model, args.revision)
-    normalization = None if processor else processor_normalization(args.model, args.revision)
+    processor, normalization = input_preparation(args.model, args.revision)
     device = torch.device(args.device)
     ratios = args.ratios if args.ratios else [stts.stts_config.prune_ratio]
     cases = [(frames, ratio) for frames in args.frames for ratio in ratios]

@@ -180,6 +180,17 @@ def load_processor(name_or_path: str, revision: str | None = None) -> Any | None
     return processor if isinstance(processor, ProcessorMixin) and hasattr(processor, "video_processor") else None
 
 
+def input_preparation(name_or_path: str, revision: str | None = None) -> tuple[Any | None, Normalization | None]:
+    """How a command prepares a checkpoint's videos: its own processor (`load_processor`), or without one the pixel
+    normalisation its processor config states, for the family's layout builder (`processor_normalization`).
+
+    Returns:
+        `(processor, normalization)`: one of the two is None.
+    """
+    processor = load_processor(name_or_path, revision)
+    return processor, None if processor else processor_normalization(name_or_path, revision)
+
+
 def video_inputs(
     model: torch.nn.Module,
     family: VideoFamily,

@@ -14,10 +14,9 @@ from ..visualization import LEGEND, kept_pixels, pillow, render_kept_units, writ
 from .common import MAX_DEFAULT_SIDE, CLIError
 from .video import (
     VideoFamily,
+    input_preparation,
     load_base_model,
-    load_processor,
     load_video,
-    processor_normalization,
     unit_side,
     video_family,
     video_inputs,
@@ -66,8 +65,7 @@ def run_visualize(args: argparse.Namespace) -> int:
         stts = wrap_model(model, args, prune_ratio=args.prune_ratio)
         bar.update()
         bar.set_description(steps[1])
-        processor = load_processor(args.model, args.revision)
-        normalization = None if processor else processor_normalization(args.model, args.revision)
+        processor, normalization = input_preparation(args.model, args.revision)
         video = load_video(args.video, args.frames, args.size or 224)
         size = args.size if args.size or max(video.shape[-2:]) <= MAX_DEFAULT_SIDE else MAX_DEFAULT_SIDE
         inputs = video_inputs(model, family, video, size, processor, normalization, model_name=args.model)
