@@ -10,7 +10,6 @@ from transformers.models.llava_next_video.modeling_llava_next_video import Llava
 
 from stts_adapter import STTSConfig, STTSInputError, apply_stts
 from stts_adapter.model_registry.llava_next_video import LlavaNextVideoEntry
-from stts_adapter.scorer import soft_key_bias
 from stts_adapter.selection import VideoLayout
 from stts_adapter.testing import IMAGE_TOKEN, VIDEO_TOKEN, Sample, moving_square_video
 from stts_adapter.testing.llava_next_video import (
@@ -18,7 +17,7 @@ from stts_adapter.testing.llava_next_video import (
     build_llava_next_video_batch,
     tiny_llava_next_video_config,
 )
-from stts_adapter.testing.video_llava import masked_tower_reference, projector_inputs
+from stts_adapter.testing.video_llava import frame_key_bias, masked_tower_reference, projector_inputs
 
 PRUNE_LAYER = 1  # block 1 scored, block 2 biased, block 3 pruned and read (vision_feature_layer=-2), block 4 skipped
 SIDE = 4  # 56 px frames, patch 14: 4x4 patches + CLS = 17 ViT tokens, 2x2 pooled tokens (units) per frame
@@ -108,15 +107,7 @@ def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fres
     keep_token = torch.cat([torch.ones(len(keep_units), 1, dtype=torch.bool), keep_units[:, cells]], dim=1)
     token_bias = None
     if method == "scorer":
-        layout = VideoLayout((4, 4), (4, 4), patches_per_unit=4)
-        unit_bias = soft_key_bias(
-            torch.cat([x.flatten() for x in report.logits]),
-            layout.frame_of_unit,
-            layout.is_first_frame,
-            stts.stts_config.bias_min,
-        )
-        # Only frames that lose units are biased.
-        unit_bias = torch.where(keep_units.all(1, keepdim=True), 0.0, unit_bias.view(keep_units.shape))
+        unit_bias = frame_key_bias(stts, report, patches_per_unit=4)
         token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias[:, cells]], dim=1)
     reference = masked_tower_reference(stts, batch, keep_token, token_bias)
     assert pruned.shape == reference.shape == (8, 4, 64)  # (frames, pooled tokens, vision width)

@@ -7,12 +7,11 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from stts_adapter import STTSConfig, STTSInputError, apply_stts
-from stts_adapter.scorer import soft_key_bias
-from stts_adapter.selection import VideoLayout
 from stts_adapter.testing import IMAGE_TOKEN, VIDEO_TOKEN, Sample, moving_square_video
 from stts_adapter.testing.video_llava import (
     VIDEO_LLAVA,
     build_video_llava_batch,
+    frame_key_bias,
     masked_tower_reference,
     projector_inputs,
     tiny_video_llava_config,
@@ -77,15 +76,7 @@ def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fres
     keep_token = torch.cat([torch.ones(len(keep_units), 1, dtype=torch.bool), keep_units], dim=1)
     token_bias = None
     if method == "scorer":
-        layout = VideoLayout((4, 4), (16, 16), patches_per_unit=1)
-        unit_bias = soft_key_bias(
-            torch.cat([x.flatten() for x in report.logits]),
-            layout.frame_of_unit,
-            layout.is_first_frame,
-            stts.stts_config.bias_min,
-        )
-        # Only frames that lose units are biased.
-        unit_bias = torch.where(keep_units.all(1, keepdim=True), 0.0, unit_bias.view(keep_units.shape))
+        unit_bias = frame_key_bias(stts, report, patches_per_unit=1)
         token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias.view(-1, 16)], dim=1)
     reference = masked_tower_reference(stts, batch, keep_token, token_bias)
     assert pruned.shape == reference.shape == (8, 17, 64)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, VideoLlavaConfig
 
     from ..model import STTSModel
+    from ..report import STTSReport
 
 
 def tiny_clip_vision_config(image_size: int = 56, depth: int = 5, **overrides) -> dict:
@@ -162,6 +163,29 @@ def projector_inputs(model: nn.Module, call: Callable[[], Any]) -> list[torch.Te
     finally:
         handle.remove()
     return [x.detach() for x in seen]
+
+
+def frame_key_bias(stts: STTSModel, report: STTSReport, patches_per_unit: int) -> torch.Tensor:
+    """The soft key bias block prune_layer + 1 must add to each unit, from the report's logits: `soft_key_bias` over
+    the batch's videos, 0 in the frames that keep every unit (only frames that lose units are biased).
+
+    Args:
+        stts (`STTSModel`): the model that produced `report` (its `bias_min`).
+        report (`STTSReport`): `out.stts` of a pruning call on a video-only batch.
+        patches_per_unit (`int`): ViT patches per unit.
+
+    Returns:
+        `torch.Tensor` of shape `(frames, units_per_frame)`: the bias of every unit of every frame, videos in order.
+    """
+    from ..scorer import soft_key_bias
+    from ..selection import VideoLayout
+
+    keep_units = torch.cat(report.keep_masks)  # (frames, units)
+    frames = tuple(len(mask) for mask in report.keep_masks)
+    layout = VideoLayout(frames, tuple(keep_units.shape[1] for _ in frames), patches_per_unit)
+    logits = torch.cat([x.flatten() for x in report.logits])
+    unit_bias = soft_key_bias(logits, layout.frame_of_unit, layout.is_first_frame, stts.stts_config.bias_min)
+    return torch.where(keep_units.all(1, keepdim=True), 0.0, unit_bias.view(keep_units.shape))
 
 
 def masked_tower_reference(
