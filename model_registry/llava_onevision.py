@@ -2,9 +2,11 @@
 
 The SigLIP tower runs a video's frames as a batch. The connector projects the selected layer's patches, then pools
 every frame's grid bilinearly to ceil(h/2) x ceil(w/2) tokens, and appends one newline token per video. A pruning
-unit is the cell of patches nearest one pooled token (2x2 on even grids); the newline is never pruned. Pooling
-needs the full grid: the kept patches are scattered back onto it (pruned positions hold their block k+1 features)
-and the pooled tokens of pruned units are dropped afterwards.
+unit is the cell of patches nearest one pooled token (2x2 on even grids); the newline is never pruned. The layers the
+connector reads are scattered back onto the full grid (pruned positions hold their block k+1 features). On an even
+grid a pooled token is the mean of its own 2x2 cell, so the projector runs on the kept cells' patches only; on an odd
+grid the bilinear weights reach across cells, so the projector and the pooling run on the whole grid and the pooled
+tokens of pruned units are dropped afterwards.
 """
 
 from __future__ import annotations
@@ -28,6 +30,31 @@ def nearest_cell_units(height: int, width: int, pooled_height: int, pooled_width
     rows = torch.arange(height) * pooled_height // height
     columns = torch.arange(width) * pooled_width // width
     return (rows[:, None] * pooled_width + columns[None, :]).flatten()
+
+
+def project_kept_cells(projector: nn.Module, patches: torch.Tensor, side: int, keep: torch.Tensor) -> torch.Tensor:
+    """`apply_pooling(projector(patches))` of an even grid, computed for the kept cells only.
+
+    Bilinear downsampling by exactly 2 (`align_corners=False`) weighs each axis 0.5 / 0.5 within a 2x2 cell: a
+    pooled token is the mean of its cell's four projected patches, and the projector only needs the kept cells'.
+
+    Args:
+        projector (`nn.Module`): the multi-modal projector, applied to every patch on its own.
+        patches (`torch.Tensor` of shape `(frames, side * side, dim)`): the frames' row-major patch grids.
+        side (`int`): patches per side, even.
+        keep (`torch.Tensor` of shape `(frames * (side // 2) ** 2,)`, bool): kept cells, frame after frame,
+            row-major (the units of `nearest_cell_units`).
+
+    Returns:
+        `torch.Tensor` of shape `(frames, (side // 2) ** 2, projected_dim)`: the rows of pruned cells are zero.
+    """
+    frames, _, dim = patches.shape
+    half = side // 2
+    cells = patches.reshape(frames, half, 2, half, 2, dim).transpose(2, 3).reshape(-1, 4, dim)  # (cells, 4, dim)
+    kept = torch.nonzero(keep.to(cells.device)).squeeze(1)
+    pooled = projector(cells[kept]).mean(dim=1)  # (kept_cells, projected_dim)
+    everything = pooled.new_zeros(len(keep), pooled.shape[-1]).index_copy(0, kept, pooled)
+    return everything.view(frames, half * half, -1)
 
 
 @register_architecture
@@ -74,7 +101,13 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
         strategy = inputs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         if strategy == "default":
             selected = selected[:, 1:]
-        features = core.apply_pooling(core.multi_modal_projector(selected))  # (frames, units_per_frame, D)
+        side, _ = self._grid(model)
+        if side % 2 or bool(vision_pass.keep.all()):
+            # Odd grids: the bilinear weights reach across cells, the pooling needs the whole projected grid. Nothing
+            # pruned: the upstream computation, so that the outputs are the bare model's bit for bit.
+            features = core.apply_pooling(core.multi_modal_projector(selected))  # (frames, units_per_frame, D)
+        else:
+            features = project_kept_cells(core.multi_modal_projector, selected, side, vision_pass.keep)
         features = features.reshape(videos, frames * features.shape[1], -1)
         newline = core.image_newline[None, :].to(features)
         return [torch.cat([video, newline]) for video in features]

@@ -130,7 +130,9 @@ def test_forward_flops_match_flop_counter(family_name: str, size: int) -> None:
     assert executed.forward() == pytest.approx(counted_stts, rel=EXACT)
 
 
-@pytest.mark.parametrize(("family_name", "size"), [("qwen2_5_vl", 168), ("llava_onevision", 70)])
+@pytest.mark.parametrize(
+    ("family_name", "size"), [("qwen2_5_vl", 168), ("llava_onevision", 70), ("llava_onevision", 112)]
+)
 def test_training_flops_match_flop_counter(family_name: str, size: int) -> None:
     """Forward + backward of both training modes, baseline and STTS: the backward multipliers of
     `FlopCount.train_step` (including block prune_layer + 1 reached only through the key bias) are exact."""

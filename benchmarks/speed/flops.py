@@ -194,7 +194,8 @@ def llava_onevision_flops(
 
     Ideal: blocks after prune_layer + 1 attend within each frame's kept patches and the projector runs on kept
     patches. Executed: those blocks run packed rows of the full frame length (padding slots included, attention over
-    the whole row under a block-diagonal mask) and the projector runs on every patch (the pooling needs the grid).
+    the whole row under a block-diagonal mask); the projector runs on the kept cells' patches of an even grid, on
+    every patch of an odd one (its bilinear pooling reaches across cells).
     """
     vision = config.vision_config
     width, mlp = vision.hidden_size, vision.intermediate_size
@@ -222,7 +223,8 @@ def llava_onevision_flops(
         qkv = 2.0 * tokens * width * 3 * width
         add_block(count, block - prune_layer - 1, qkv, other, attention_products(lengths, width))
     text_width = config.text_config.hidden_size
-    projected = int(keep_patch.sum()) if stts and not executed else frames * tokens_per_frame
+    every_patch = not stts or (executed and side % 2 == 1)
+    projected = frames * tokens_per_frame if every_patch else int(keep_patch.sum())
     count.connector = 2.0 * projected * text_width * (width + text_width)
     if stts:
         add_scorer(count, keep.numel(), int(cell_sizes.max()), width, scorer_hidden)

@@ -1,0 +1,123 @@
+"""LLaVA-OneVision specifics (tiny random config, CPU): on an even patch grid the projector runs on the kept cells'
+patches only (the bilinear pooling by 2 is the mean of each 2x2 cell), on an odd grid on the whole restored grid; the
+kept pooled tokens are the bare model's projector + `apply_pooling` either way. What every family must do is in
+test_conformance.py (case `LLAVA_ONEVISION`)."""
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from stts_adapter import STTSConfig, apply_stts
+from stts_adapter.model_registry import llava_onevision
+from stts_adapter.testing import Sample
+from stts_adapter.testing.llava_onevision import (
+    LLAVA_ONEVISION,
+    build_llava_onevision_batch,
+    tiny_llava_onevision_config,
+)
+from stts_adapter.testing.video_llava import projector_inputs
+
+PRUNE_LAYER = 1  # block 1 scored, block 2 biased, blocks 3-4 pruned; block 4 (vision_feature_layer=-1) restored
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """`fresh(image_size)` -> the same tiny random model every time (eval mode)."""
+
+    def build(image_size=56):
+        torch.manual_seed(0)
+        return LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config(image_size=image_size)).eval()
+
+    return build
+
+
+def padded_batch(model, answers=False):
+    """Two different videos at the model's frame size, in one left-padded batch (their prompts differ in length)."""
+    size = (FRAMES, model.config.vision_config.image_size, model.config.vision_config.image_size)
+    samples = [
+        Sample(video=LLAVA_ONEVISION.video(0, size=size), answer=[31, 32] if answers else None),
+        Sample(
+            video=LLAVA_ONEVISION.video(1, size=size), prefix=[1, 14], suffix=[25, 26], answer=[41] if answers else None
+        ),
+    ]
+    return build_llava_onevision_batch(model.config, samples, "left")
+
+
+def stts_of(model, **config):
+    return apply_stts(model, STTSConfig(prune_layer=PRUNE_LAYER, **config))
+
+
+def encode(stts, batch):
+    """`encode_videos` inside a pruning pass, as `STTSModel` runs it: (per-video features, the pass)."""
+    entry, model = stts.architecture, stts.transformers_model
+    layout = entry.video_layout(model, batch)
+    tokens = entry.vision_tokens(model, batch, layout)
+    vision_pass = stts._vision_pass(
+        layout, tokens, capture_blocks=entry.capture_blocks(model), last_block=entry.last_block(model)
+    )
+    with vision_pass.active():
+        return entry.encode_videos(model, batch, vision_pass), vision_pass
+
+
+@pytest.mark.parametrize("image_size", [56, 112, 70])  # 4x4 and 8x8 patches (even grids), 5x5 (odd)
+def test_kept_pooled_tokens_equal_the_bare_projector_and_pooling(fresh, image_size):
+    """The kept pooled tokens are what the bare model's projector + `apply_pooling` make of the whole restored grid
+    (the layer the pass scattered back), and every video ends with the newline."""
+    model = fresh(image_size)
+    stts = stts_of(model, prune_ratio=0.5)
+    with torch.no_grad():
+        features, vision_pass = encode(stts, padded_batch(model))
+        core = model.model
+        selected = vision_pass.captured[stts.architecture.last_block(model)]  # (frames, patches, vision width)
+        reference = core.apply_pooling(core.multi_modal_projector(selected)).reshape(2, -1, 64)
+    keep = vision_pass.keep.view(2, -1)
+    assert not bool(keep.all())
+    for video, expected, kept in zip(features, reference, keep):
+        assert video.shape == (len(kept) + 1, 64)
+        torch.testing.assert_close(video[:-1][kept], expected[kept], atol=1e-5, rtol=1e-5)
+        assert torch.equal(video[-1], core.image_newline)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "ratio", "projects_kept_only"),
+    [(56, 0.5, True), (56, 0.0, True), (70, 0.5, False)],  # an odd grid projects every patch
+)
+def test_the_projector_sees_the_kept_cells_patches_only_on_an_even_grid(fresh, image_size, ratio, projects_kept_only):
+    model = fresh(image_size)
+    stts = stts_of(model, prune_ratio=ratio)
+    outputs = []
+    with torch.no_grad():
+        (projected,) = projector_inputs(model, lambda: outputs.append(stts(**padded_batch(model))))
+    report = outputs[0].stts
+    rows = projected.shape[:-1].numel()
+    patches = 2 * FRAMES * (image_size // 14) ** 2
+    if projects_kept_only:
+        assert rows == 4 * sum(report.units_after)  # 2x2 cells
+        assert rows == (patches if ratio == 0 else patches // 2)
+    else:
+        assert rows == patches and sum(report.units_after) < sum(report.units_before)
+
+
+def test_training_equals_the_full_grid_path(fresh, monkeypatch):
+    """A training step (the scorer learning through the key bias) gives the loss and the scorer gradients of the
+    previous path, which projected every patch and pooled the whole restored grid."""
+
+    def step(full_grid):
+        model = fresh()
+        if full_grid:
+            pool = model.model.apply_pooling
+            monkeypatch.setattr(
+                llava_onevision, "project_kept_cells", lambda projector, x, side, keep: pool(projector(x))
+            )
+        stts = stts_of(model, prune_ratio=0.5).train()
+        out = stts(**padded_batch(model, answers=True))
+        out.loss.backward()
+        return out.loss.detach(), [p.grad for p in stts.scorer.parameters()]
+
+    loss, gradients = step(full_grid=False)
+    expected_loss, expected_gradients = step(full_grid=True)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert all(g is not None and g.abs().sum() > 0 for g in gradients)
+    for actual, expected in zip(gradients, expected_gradients):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
