@@ -73,7 +73,11 @@ class STTSConfig:
             "help": "Form of the temporal auxiliary loss. 'bce' (ours, the default): binary cross-entropy on the "
             "scorer's logits against clamp(1 - cos, 0.01, 0.99); it keeps a gradient while a score is wrong and the "
             "logits stay finite. 'mse' (the paper): squared error between the sigmoid score and 1 - cos; its nearly "
-            "binary target drives the logits to +-infinity, the sigmoid saturates and the scorer stops learning."
+            "binary target drives the logits to +-infinity, the sigmoid saturates and the scorer stops learning. "
+            "'bce_upper' (ours): the change is an upper bound of the score, not its target: the 'bce' loss (minus its "
+            "minimum) only where a score is above clamp(1 - cos, 0.01, 0.99), so what did not change is pushed down "
+            "and the LM loss alone ranks the units that changed (content that changes without mattering, a screen "
+            "or flicker, is not taught to score high). The scores of the units it drops fall towards 0."
         },
     )
     logit_penalty_weight: float = field(

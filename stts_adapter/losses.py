@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUX_LOSSES = ("bce", "mse")
+AUX_LOSSES = ("bce", "mse", "bce_upper")
 BCE_TARGET_MARGIN = 1e-2
 """The "bce" target is clamped to [margin, 1 - margin]: its optimal logits stay within +-6.9 (scores are never
 pushed into the sigmoid's flat tails, where the soft key bias would pass them no LM gradient), while every unit
@@ -59,6 +59,11 @@ def temporal_aux_loss(
     - `"mse"` (the paper): `(sigmoid(logit) - (1 - cos))^2`. The target is nearly binary (static units ~0, changing
       units ~1 and often above 1, where the cosine is negative), so the loss drives the logits towards +-infinity;
       the sigmoid saturates and the gradient it passes back vanishes within a few dozen steps.
+    - `"bce_upper"` (ours): the change is an upper bound of the score, not its target. The "bce" loss minus its
+      minimum, only where the score is above the clamped target (the KL divergence from the target to the score
+      there, 0 below it): a unit that did not change is pushed down (it repeats the previous frame), while among
+      the units that changed the loss is silent and the LM loss alone decides which of them matter. Content that
+      changes without answering anything (a screen, flicker) is then not taught to score high.
 
     Args:
         logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits (before the sigmoid).
@@ -66,7 +71,7 @@ def temporal_aux_loss(
             block's output.
         previous_unit (`torch.Tensor` of shape `(num_units,)`): predecessor index, -1 for first frames.
         detach_target (`bool`): stop the gradient through the target (the default; ours).
-        kind (`str`): `"bce"` or `"mse"`.
+        kind (`str`): `"bce"`, `"mse"` or `"bce_upper"`.
 
     Returns:
         `torch.Tensor`: a float32 scalar; 0 (still attached to `logits`) when no video has a second frame.
@@ -76,9 +81,13 @@ def temporal_aux_loss(
     features = unit_patches.detach() if detach_target else unit_patches
     change, has_previous = previous_frame_change(features, previous_unit)
     logits = logits.float()
-    if kind == "bce":
+    if kind in ("bce", "bce_upper"):
         target = change.clamp(BCE_TARGET_MARGIN, 1.0 - BCE_TARGET_MARGIN)
         per_unit = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if kind == "bce_upper":
+            # Minus the minimum (the target's entropy, at score == target): continuous where the loss starts.
+            entropy = F.binary_cross_entropy_with_logits(torch.logit(target), target, reduction="none")
+            per_unit = torch.where(torch.sigmoid(logits) > target, per_unit - entropy, torch.zeros_like(per_unit))
     else:
         per_unit = (torch.sigmoid(logits) - change).square()
     if not bool(has_previous.any()):

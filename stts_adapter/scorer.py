@@ -141,9 +141,10 @@ def soft_key_bias(
     gets 0, the worst log(bias_min). First frames, and frames whose units all score the same, get 0.
 
     The bias keeps its gradient: this is how the LM loss reaches the scorer. It is computed from the logits, in
-    float64, on the tail of the sigmoid where the frame's scores are exact (1 - s for a frame of scores near 1), so
-    a frame of saturated scores (in float32 every logit above about 17 gives exactly 1.0) still has distinct scores
-    and passes the LM gradient; only a frame whose scores are equal to float64 precision counts as flat.
+    float64, in log space on the tail of the sigmoid where the frame's scores are exact (1 - s for a frame of scores
+    near 1) and relative to the frame's largest, so a frame of saturated scores (in float32 every logit above about
+    17 gives exactly 1.0; in float64 every logit below about -745 gives 0) still has distinct scores and passes the
+    LM gradient; only a frame whose scores are equal to float64 precision counts as flat.
 
     As the rescaling is per frame, the bias of a frame does not change when all its scores move together (nor does
     attention, which is per frame): the LM loss orders the units within each frame. The lowest and highest units
@@ -162,12 +163,15 @@ def soft_key_bias(
     logits = logits.double()
     num_frames = int(frame_of_unit.max()) + 1
     upper_tail = _per_frame(logits, frame_of_unit, num_frames, "mean")[frame_of_unit] > 0
-    tail = torch.sigmoid(torch.where(upper_tail, -logits, logits))  # min(s, 1 - s) where the frame's scores are
+    # log min(s, 1 - s) on the tail where the frame's scores are, relative to the frame's largest: exact for any
+    # logit (a float64 sigmoid underflows to 0 below about -745, which would tie the frame's scores).
+    log_tail = F.logsigmoid(torch.where(upper_tail, -logits, logits))
+    log_high = _per_frame(log_tail, frame_of_unit, num_frames, "amax")[frame_of_unit]
+    tail = torch.exp(log_tail - log_high)  # in (0, 1]: the tail over the frame's largest tail
     low = _per_frame(tail, frame_of_unit, num_frames, "amin")[frame_of_unit]
-    high = _per_frame(tail, frame_of_unit, num_frames, "amax")[frame_of_unit]
-    above_lowest = torch.where(upper_tail, high - tail, tail - low)  # s - (the frame's lowest s)
-    span = high - low
-    flat = (span <= 1e-12 * high) | is_first_frame
+    above_lowest = torch.where(upper_tail, 1.0 - tail, tail - low)  # (s - the frame's lowest s), same scale
+    span = 1.0 - low
+    flat = (span <= 1e-12) | is_first_frame
     rescaled = bias_min + (1.0 - bias_min) * above_lowest / torch.where(flat, torch.ones_like(span), span)
     return torch.where(flat, torch.zeros_like(logits), torch.log(rescaled)).float()
 

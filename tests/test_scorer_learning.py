@@ -178,6 +178,15 @@ def test_the_bce_aux_loss_trains_without_saturating_where_the_papers_mse_saturat
     assert mse_norms[-1] < 2e-3 * mse_norms[0]
 
 
+def test_the_bce_upper_aux_loss_brings_every_score_below_its_change(load):
+    """On a real model, the upper-bound aux loss is trained to (nearly) 0: the scores of the units that did not
+    change are pushed below 0.01, and nothing is pushed up."""
+    reports, norms = train_scorer(load, "bce_upper")
+    assert reports[0].aux_loss > 0.05  # at init, scores near 0.5 are above the static units' target of 0.01
+    assert reports[-1].aux_loss < 0.05 * reports[0].aux_loss
+    assert norms[-1] < norms[0]
+
+
 @pytest.mark.parametrize("logit_penalty_weight", [0.0, 0.01])
 def test_the_logit_penalty_brings_a_saturated_lm_only_scorer_back(load, logit_penalty_weight):
     """Without the aux loss nothing bounds the logits' scale (the key bias is rescaled per frame): a scorer whose

@@ -76,8 +76,9 @@ def ref_change(unit_patches, previous):
 
 
 def ref_aux_loss(logits, unit_patches, previous, kind="bce"):
-    """Mean over t >= 1, in float64, of: BCE(sigmoid(logit), clamp(1 - cos, 0.01, 0.99)) ("bce", ours) or
-    (sigmoid(logit) - (1 - cos))^2 ("mse", the paper)."""
+    """Mean over t >= 1, in float64, of: BCE(sigmoid(logit), clamp(1 - cos, 0.01, 0.99)) ("bce", ours),
+    (sigmoid(logit) - (1 - cos))^2 ("mse", the paper), or KL(t || s) where the score s is above the clamped target t,
+    0 below it ("bce_upper", ours)."""
     change = ref_change(unit_patches, previous)
     terms = []
     for z, c in zip(logits.tolist(), change):
@@ -88,15 +89,19 @@ def ref_aux_loss(logits, unit_patches, previous, kind="bce"):
             terms.append((s - c) ** 2)
         else:
             t = min(max(c, 0.01), 0.99)  # the clamped target, a 1% margin from 0 and 1
-            terms.append(-(t * math.log(s) + (1 - t) * math.log(1 - s)))
+            if kind == "bce_upper":
+                terms.append(t * math.log(t / s) + (1 - t) * math.log((1 - t) / (1 - s)) if s > t else 0.0)
+            else:
+                terms.append(-(t * math.log(s) + (1 - t) * math.log(1 - s)))
     return sum(terms) / len(terms)
 
 
 def ref_key_bias(logits, frame_of_unit, first, bias_min):
     """Spec: scores = sigmoid(logits), per frame rescaled to [bias_min, 1], then log; first frames and frames whose
-    scores are all equal get 0. In 50-digit decimal arithmetic, so saturated scores stay distinct."""
+    scores are all equal get 0. In 400-digit decimal arithmetic, so saturated scores stay distinct (1 - e^-800
+    included)."""
     with decimal.localcontext() as context:
-        context.prec = 50
+        context.prec = 400
         scores = [1 / (1 + (-decimal.Decimal(float(z))).exp()) for z in logits.tolist()]
         by_frame, out = {}, []
         for s, f in zip(scores, frame_of_unit):
@@ -476,10 +481,11 @@ def test_soft_key_bias_passes_gradient_to_the_logits():
     assert float(grad[middle]) == pytest.approx(finite_difference_of_the_spec(logits, weights, middle), rel=1e-4)
 
 
-@pytest.mark.parametrize("centre", [-30.0, -12.0, 12.0, 30.0])
+@pytest.mark.parametrize("centre", [-800.0, -30.0, -12.0, 12.0, 30.0, 800.0])
 def test_soft_key_bias_gives_saturated_frames_their_gradient(centre):
     """Logits far from 0 give float32 sigmoid scores that tie (all exactly 1.0 above ~17, or differ only below
-    1e-6); the frame still has distinct scores, so it is biased and the LM loss reaches its units."""
+    1e-6), and float64 ones too beyond +-745; the frame still has distinct scores, so it is biased and the LM loss
+    reaches its units."""
     logits = torch.tensor([centre, centre, centre, centre - 1.0, centre + 0.5, centre + 1.5, 0, 0, 0, 0, 0, 0])
     logits.requires_grad_(True)
     bias = soft_key_bias(logits, LAYOUT.frame_of_unit, LAYOUT.is_first_frame, BIAS_MIN)
@@ -493,7 +499,7 @@ def test_soft_key_bias_gives_saturated_frames_their_gradient(centre):
 
 
 # --------------------------------------------------------------------------------------------- temporal aux loss
-@pytest.mark.parametrize("kind", ["bce", "mse"])
+@pytest.mark.parametrize("kind", ["bce", "mse", "bce_upper"])
 def test_temporal_aux_loss_equals_the_spec_formula(kind):
     generator = torch.Generator().manual_seed(0)
     layout = VideoLayout((3, 1, 2), (4, 2, 3), 3)  # the 1-frame video contributes nothing
@@ -518,7 +524,7 @@ def test_temporal_aux_loss_default_is_bce():
         temporal_aux_loss(logits, patches, LAYOUT.previous_unit, kind="l1")
 
 
-@pytest.mark.parametrize("kind", ["bce", "mse"])
+@pytest.mark.parametrize("kind", ["bce", "mse", "bce_upper"])
 def test_temporal_aux_loss_gradient_on_the_logits_matches_the_spec(kind):
     generator = torch.Generator().manual_seed(1)
     layout = VideoLayout((2, 3), (3, 2), 2)
@@ -535,6 +541,8 @@ def test_temporal_aux_loss_gradient_on_the_logits_matches_the_spec(kind):
             expected.append(0.0)
         elif kind == "bce":  # d BCE / d logit = sigmoid - target
             expected.append((s - min(max(c, 0.01), 0.99)) / count)
+        elif kind == "bce_upper":  # the same above the target, 0 below
+            expected.append(max(s - min(max(c, 0.01), 0.99), 0.0) / count)
         else:  # d (s - c)^2 / d logit = 2 (s - c) s (1 - s)
             expected.append(2 * (s - c) * s * (1 - s) / count)
     torch.testing.assert_close(logits.grad.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
@@ -774,3 +782,21 @@ def test_scorer_with_units_of_different_sizes_ignores_padding_slots():
     # A one-patch unit with padding scores like the same unit given alone.
     alone = scorer(patches[1:2, :1], torch.tensor([-1]))
     torch.testing.assert_close(scores[1:2], alone)
+
+
+def test_the_bce_upper_aux_loss_pushes_down_only_the_scores_above_their_change():
+    """A unit that repeats its predecessor (target 0.01) and scores high is pushed down; a unit that changed and
+    scores below its target gets no gradient, however low (the LM loss alone ranks the units that changed); the
+    loss is 0 when no score is above its target."""
+    patches = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(8))
+    patches[3] = patches[0]  # repeats its predecessor: change 0
+    patches[4] = -patches[1]  # changed: cosine -1, target clamped to 0.99
+    patches[5] = -patches[2]  # changed too
+    layout = VideoLayout((2,), (3,), 2)
+    logits = torch.tensor([0.0, 0.0, 0.0, 2.0, -1.0, -30.0], requires_grad=True)
+    temporal_aux_loss(logits, patches, layout.previous_unit, kind="bce_upper").backward()
+    assert float(logits.grad[3]) > 0.25  # (sigmoid(2) - 0.01) / 3: gradient descent lowers it
+    assert float(logits.grad[4]) == 0.0 and float(logits.grad[5]) == 0.0  # changed, below their target
+    assert bool((logits.grad[:3] == 0).all())  # first frame: no target
+    below = torch.tensor([0.0, 0.0, 0.0, -6.0, -1.0, 4.5])
+    assert float(temporal_aux_loss(below, patches, layout.previous_unit, kind="bce_upper")) == 0.0

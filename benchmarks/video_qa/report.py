@@ -80,7 +80,9 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "(`aux_loss_weight=0`) with `logit_penalty_weight=0.01`, which keeps its logits unsaturated. two-phase rows "
         f"(trained regime only): the lm-penalty scorer trained alone on the frozen init for {train['steps']} steps, "
         f"then the base trained with the scorer frozen for {train['steps']} steps (as many base-training steps as "
-        "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`).",
+        "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`). upper rows: "
+        "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change; the LM loss ranks "
+        "the units that changed), both losses at their default weights, in one phase.",
     ]
 
 
