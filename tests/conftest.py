@@ -28,13 +28,13 @@ def saved_models(tmp_path_factory):
     return directories
 
 
-def load_model(saved_models, family: str = "qwen2_5_vl"):
+def load_model(saved_models, family: str = "qwen2_5_vl", **from_pretrained_kwargs):
     """A fresh copy of a saved tiny model, in eval mode."""
     model_class, _ = FAMILIES[family]
-    return model_class.from_pretrained(saved_models[family]).eval()
+    return model_class.from_pretrained(saved_models[family], **from_pretrained_kwargs).eval()
 
 
 @pytest.fixture
 def load(saved_models):
-    """`load(family="qwen2_5_vl")` -> a fresh tiny model loaded from disk."""
-    return lambda family="qwen2_5_vl": load_model(saved_models, family)
+    """`load(family="qwen2_5_vl", **from_pretrained_kwargs)` -> a fresh tiny model loaded from disk."""
+    return lambda family="qwen2_5_vl", **kwargs: load_model(saved_models, family, **kwargs)
