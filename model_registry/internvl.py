@@ -45,7 +45,7 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
 from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout
+from stts_adapter.selection import VideoLayout, scatter_kept
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 PIXEL_VIDEO_INDEX = "pixel_values_video_index"
@@ -239,9 +239,8 @@ class InternVLEntry(FrameBatchViTEntry):
         features = core.pixel_shuffle(features, scale_factor=model.config.downsample_ratio)
         features = features.reshape(-1, features.shape[-1])  # (rows * units, dim): the placeholders, in order
         (keep,) = self.video_placeholder_keep(vision_pass.layout, vision_pass.keep)
-        kept = torch.nonzero(keep.to(features.device)).squeeze(1)
-        projected = core.multi_modal_projector(features[kept])  # the connector sees kept units only
-        return [projected.new_zeros(features.shape[0], projected.shape[-1]).index_copy(0, kept, projected)]
+        keep = keep.to(features.device)
+        return [scatter_kept(core.multi_modal_projector(features[keep]), keep)]  # the connector sees kept units only
 
     # ------------------------------------------------------------------------------------------------ the LLM
     def video_placeholder_keep(self, layout: InternVLLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:

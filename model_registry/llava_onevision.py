@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from stts_adapter.packing import FrameTokens
 from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout
+from stts_adapter.selection import VideoLayout, scatter_kept
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 
@@ -51,10 +51,9 @@ def project_kept_cells(projector: nn.Module, patches: torch.Tensor, side: int, k
     frames, _, dim = patches.shape
     half = side // 2
     cells = patches.reshape(frames, half, 2, half, 2, dim).transpose(2, 3).reshape(-1, 4, dim)  # (cells, 4, dim)
-    kept = torch.nonzero(keep.to(cells.device)).squeeze(1)
-    pooled = projector(cells[kept]).mean(dim=1)  # (kept_cells, projected_dim)
-    everything = pooled.new_zeros(len(keep), pooled.shape[-1]).index_copy(0, kept, pooled)
-    return everything.view(frames, half * half, -1)
+    keep = keep.to(cells.device)
+    pooled = projector(cells[keep]).mean(dim=1)  # (kept_cells, projected_dim)
+    return scatter_kept(pooled, keep).view(frames, half * half, -1)
 
 
 @register_architecture

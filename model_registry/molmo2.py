@@ -31,7 +31,7 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
 from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout
+from stts_adapter.selection import VideoLayout, scatter_kept
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 # `Molmo2VideoProcessor.pooling_size` of transformers 5.23. The pooling window is a processor setting that the model
@@ -148,5 +148,4 @@ class Molmo2Entry(FrameBatchViTEntry):
         pooling = batch_pooling(inputs, vision_pass.layout, features.shape[1]).to(features.device)
         keep = vision_pass.keep.to(features.device)
         kept = core.multi_modal_projector(features, pooling[keep]).last_hidden_state
-        pooled = kept.new_zeros(len(keep), kept.shape[-1]).index_copy(0, torch.nonzero(keep).squeeze(1), kept)
-        return list(pooled.split(list(vision_pass.layout.units_per_video)))
+        return list(scatter_kept(kept, keep).split(list(vision_pass.layout.units_per_video)))

@@ -20,7 +20,7 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import VarlenTokens, segment_ids, varlen_attention
 from stts_adapter.registry import VisionSpec, register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout
+from stts_adapter.selection import VideoLayout, scatter_kept
 from stts_adapter.vit import VarlenViTEntry
 
 
@@ -114,8 +114,7 @@ class Qwen2VLEntry(VarlenViTEntry):
         merged = connector(*args, **kwargs)  # (kept_units, D), units in ViT (window) order
         # The model reorders the merger's output by unit afterwards: hand back every unit slot (pruned ones zero).
         unit_of_slot = vision_pass.tokens.token_unit[:: vision_pass.layout.patches_per_unit]
-        kept_slots = torch.nonzero(vision_pass.keep[unit_of_slot]).squeeze(1)
-        return merged.new_zeros(len(unit_of_slot), merged.shape[-1]).index_copy(0, kept_slots, merged)
+        return scatter_kept(merged, vision_pass.keep[unit_of_slot])
 
     # ------------------------------------------------------------------------------------------------ the LLM
     def original_positions(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

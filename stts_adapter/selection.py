@@ -173,3 +173,20 @@ def similarity_scores(unit_patches: torch.Tensor, layout: VideoLayout) -> torch.
     """
     change, has_previous = previous_frame_change(unit_patches, layout.previous_unit.to(unit_patches.device))
     return torch.where(has_previous, change, torch.ones_like(change))
+
+
+def scatter_kept(kept_rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The rows computed for the kept entries only, put back in the full layout, zeros where `keep` is False.
+
+    Connectors that run on kept units only hand their output back this way to code that expects every unit (the
+    model's own reordering, the placeholder bookkeeping); the zero rows are dropped later.
+
+    Args:
+        kept_rows (`torch.Tensor` of shape `(keep.sum(), dim)`): one row per True entry of `keep`, in order.
+        keep (`torch.Tensor` of shape `(num_entries,)`, bool).
+
+    Returns:
+        `torch.Tensor` of shape `(num_entries, dim)`.
+    """
+    kept = torch.nonzero(keep.to(kept_rows.device)).squeeze(1)
+    return kept_rows.new_zeros(len(keep), kept_rows.shape[-1]).index_copy(0, kept, kept_rows)
