@@ -101,7 +101,7 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
         if strategy == "default":
             selected = selected[:, 1:]
         side, _ = self._grid(model)
-        if side % 2 or bool(vision_pass.keep.all()):
+        if side % 2 or not vision_pass.prunes_units:
             # Odd grids: the bilinear weights reach across cells, the pooling needs the whole projected grid. Nothing
             # pruned: the upstream computation, so that the outputs are the bare model's bit for bit.
             features = core.apply_pooling(core.multi_modal_projector(selected))  # (frames, units_per_frame, D)

@@ -49,10 +49,10 @@ def pooling_indexes_each_video() -> bool:
     return "image_num_crops" in inspect.signature(Molmo2Model.get_image_features).parameters
 
 
-def batch_pooling(inputs: dict[str, Any], layout: VideoLayout, tokens_per_frame: int) -> torch.Tensor:
-    """`video_token_pooling` as flat indices into all the call's patches `(frames * tokens_per_frame)`, whichever
-    convention the installed transformers uses (`pooling_indexes_each_video`)."""
-    pooling = inputs["video_token_pooling"].long()
+def batch_pooling(pooling: torch.Tensor, layout: VideoLayout, tokens_per_frame: int) -> torch.Tensor:
+    """The processor's `video_token_pooling` as flat indices into all the call's patches `(frames *
+    tokens_per_frame)`, whichever convention the installed transformers uses (`pooling_indexes_each_video`)."""
+    pooling = pooling.long()
     if not pooling_indexes_each_video():
         return pooling
     patches_per_video = torch.tensor(layout.frames_per_video, device=pooling.device) * tokens_per_frame
@@ -110,7 +110,7 @@ class Molmo2Entry(FrameBatchViTEntry):
                 f"video_grids describes {layout.num_frames} frames and {layout.num_units} windows; build the batch "
                 "with the Molmo2 processor."
             )
-        pooling = batch_pooling({"video_token_pooling": pooling}, layout, tokens_per_frame)
+        pooling = batch_pooling(pooling, layout, tokens_per_frame)
         valid = pooling >= 0
         unit = torch.arange(layout.num_units)[:, None].expand_as(pooling)
         patches, units = pooling[valid], unit[valid]
@@ -145,7 +145,8 @@ class Molmo2Entry(FrameBatchViTEntry):
         depth = model.config.vision_config.num_hidden_layers
         blocks = [block_of_hidden_state(layer, depth) for layer in self.feature_layers(model)]
         features = torch.cat([vision_pass.captured[block] for block in blocks], dim=-1)
-        pooling = batch_pooling(inputs, vision_pass.layout, features.shape[1]).to(features.device)
+        pooling = batch_pooling(inputs["video_token_pooling"], vision_pass.layout, features.shape[1])
+        pooling = pooling.to(features.device)
         keep = vision_pass.keep.to(features.device)
         kept = core.multi_modal_projector(features, pooling[keep]).last_hidden_state
         return list(scatter_kept(kept, keep).split(list(vision_pass.layout.units_per_video)))

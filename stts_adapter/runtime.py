@@ -94,6 +94,11 @@ class VisionPruningPass:
         self.captured: dict[int, torch.Tensor] = {}
         self.attention_mask: torch.Tensor | None = None
 
+    @property
+    def prunes_units(self) -> bool:
+        """Whether the selection dropped any unit (False at prune ratio 0, or when every frame keeps all its units)."""
+        return not bool(self.keep.all())
+
     @contextlib.contextmanager
     def active(self) -> Iterator[VisionPruningPass]:
         token = _ACTIVE_PASS.set(self)
@@ -186,7 +191,7 @@ class VisionPruningPass:
         A frame that keeps every unit (a first frame, every frame at prune ratio 0) runs block k+1 exactly as the
         base model: nothing is pruned there for the bias to anticipate.
         """
-        if bool(self.keep.all()):
+        if not self.prunes_units:
             return None
         layout = self.layout
         frame_of_unit = layout.frame_of_unit.to(logits.device)

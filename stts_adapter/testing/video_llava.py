@@ -9,6 +9,8 @@ import torch
 
 import stts_adapter.model_registry.video_llava  # noqa: F401
 
+from ..scorer import soft_key_bias
+from ..selection import VideoLayout
 from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_config, tokenize_stacked_videos
 from .processors import tiny_tokenizer
 
@@ -177,9 +179,6 @@ def frame_key_bias(stts: STTSModel, report: STTSReport, patches_per_unit: int) -
     Returns:
         `torch.Tensor` of shape `(frames, units_per_frame)`: the bias of every unit of every frame, videos in order.
     """
-    from ..scorer import soft_key_bias
-    from ..selection import VideoLayout
-
     keep_units = torch.cat(report.keep_masks)  # (frames, units)
     frames = tuple(len(mask) for mask in report.keep_masks)
     layout = VideoLayout(frames, tuple(keep_units.shape[1] for _ in frames), patches_per_unit)
