@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+import stts_adapter.files
 from stts_adapter.testing import tiny_qwen2_5_vl_config, tiny_qwen2_vl_config
 
 FAMILIES = {
@@ -38,3 +39,17 @@ def load_model(saved_models, family: str = "qwen2_5_vl", **from_pretrained_kwarg
 def load(saved_models):
     """`load(family="qwen2_5_vl", **from_pretrained_kwargs)` -> a fresh tiny model loaded from disk."""
     return lambda family="qwen2_5_vl", **kwargs: load_model(saved_models, family, **kwargs)
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Every path `hf_hub_download` returned to stts_adapter, in call order (the real download still happens)."""
+    paths = []
+    real = stts_adapter.files.hf_hub_download
+
+    def spy(*args, **kwargs):
+        paths.append(real(*args, **kwargs))
+        return paths[-1]
+
+    monkeypatch.setattr(stts_adapter.files, "hf_hub_download", spy)
+    return paths

@@ -55,6 +55,13 @@ def assert_untouched(model, before):
     assert not changed, f"a refused load changed {changed}"
 
 
+def assert_same_scorer(loaded, expected) -> None:
+    """The scorers of two `STTSModel`s hold equal tensors under every key."""
+    state = loaded.scorer.state_dict()
+    for key, tensor in expected.scorer.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+
+
 def refuse(model, path, match, **kwargs):
     """from_pretrained must raise AdapterLoadError matching `match` and leave `model` exactly as it was."""
     before = snapshot(model)

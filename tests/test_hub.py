@@ -17,10 +17,9 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, RepoUrl
 from safetensors.torch import load_file
-from test_adapter_io import assert_untouched, snapshot
+from test_adapter_io import assert_same_scorer, assert_untouched, snapshot
 from test_qwen_vl import two_video_batch
 
-import stts_adapter.files
 import stts_adapter.io
 from stts_adapter import AdapterLoadError, STTSConfig, STTSModel, apply_stts
 
@@ -78,26 +77,6 @@ def cached_repo(load, hub_cache, tmp_path):
         snapshots={COMMIT_MAIN: tmp_path / "a", COMMIT_V2: tmp_path / "b"},
     )
     return adapter_a, adapter_b
-
-
-def assert_same_scorer(loaded, expected):
-    state = loaded.scorer.state_dict()
-    for key, tensor in expected.scorer.state_dict().items():
-        assert torch.equal(state[key], tensor), key
-
-
-@pytest.fixture
-def downloads(monkeypatch):
-    """Every path hf_hub_download returned to stts_adapter."""
-    paths = []
-    real = stts_adapter.files.hf_hub_download
-
-    def spy(*args, **kwargs):
-        paths.append(real(*args, **kwargs))
-        return paths[-1]
-
-    monkeypatch.setattr(stts_adapter.files, "hf_hub_download", spy)
-    return paths
 
 
 def test_repo_id_resolves_from_the_offline_cache(load, cached_repo, hub_cache, downloads):

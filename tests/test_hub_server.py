@@ -22,7 +22,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, hf_hub_download
 from olah_server import INSTALL_HINT, REPO_ROOT, MirrorRepos, OlahServer, free_port, olah_cli
-from test_adapter_io import assert_untouched, snapshot
+from test_adapter_io import assert_same_scorer, assert_untouched, snapshot
 from test_qwen_vl import two_video_batch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -88,28 +88,6 @@ def published(olah, saved_models, tmp_path_factory):
     olah.mirrors.tag(ADAPTER_REPO, "v1.0", main)
     model = olah.mirrors.commit(MODEL_REPO, saved_models["qwen2_5_vl"], "main", "tiny base model")
     return {"a": a.eval(), "b": b.eval(), "main": main, "v2": v2, "model": model}
-
-
-@pytest.fixture
-def downloads(monkeypatch):
-    """Every path hf_hub_download returned to stts_adapter."""
-    import stts_adapter.files
-
-    paths = []
-    real = stts_adapter.files.hf_hub_download
-
-    def spy(*args, **kwargs):
-        paths.append(real(*args, **kwargs))
-        return paths[-1]
-
-    monkeypatch.setattr(stts_adapter.files, "hf_hub_download", spy)
-    return paths
-
-
-def assert_same_scorer(loaded, expected):
-    state = loaded.scorer.state_dict()
-    for key, tensor in expected.scorer.state_dict().items():
-        assert torch.equal(state[key], tensor), key
 
 
 # --------------------------------------------------------------------------------------------- the helper itself
