@@ -3,13 +3,15 @@ write the outputs)."""
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from benchmarks.video_qa import data, rows, train
+from benchmarks.video_qa import data, diagnose, rows, train
+from benchmarks.video_qa.evaluate import evaluate
 from benchmarks.video_qa.main import main
 
 
@@ -49,7 +51,7 @@ def test_distractor_screens_change_every_frame_outside_the_answer_and_more_than_
         # Mean absolute change of each unit from one temporal slot to the next: (slots - 1, units)
         change = (slots[1:] - slots[:-1]).abs().mean(dim=(1, 2, 4, 6)).flatten(1)
         screens = change.min(dim=0).values > 0.1  # units that change between every two slots
-        assert int(screens.sum()) == settings.screens
+        assert int(screens.sum()) == settings.screens and torch.equal(screens, clip.screens)
         assert not (screens[None] & clip.changed).any()
         screen_changes.append(change[:, screens].mean())
         answer_changes.append(change[clip.changed[1:]].mean())
@@ -124,3 +126,31 @@ def test_the_init_is_cached_by_its_settings_and_reused(tmp_path, monkeypatch):
     assert train.init_path("distractor", settings, str(tmp_path)) != path
     model = train.build_model(rows.ROWS["baseline"], "frozen", 0, path, settings)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_logits(tmp_path):
+    """On a distractor batch: the kinds are the clips' own answer and screen units; the penalty's pull is its
+    closed form; the answer units' kept share is the recall that `evaluate` measures in eval mode."""
+    settings = train.TrainSettings(distractor_pretrain_steps=2, batch_size=2, eval_batch_size=4)
+    init = train.pretrain("distractor", settings, str(tmp_path))
+    weight = 0.01
+    row = rows.ROWS["distractor-stts-50-upper"]
+    row = replace(row, options=(*row.options, ("logit_penalty_weight", weight)))
+    model = train.build_model(row, "frozen", 0, init, settings)
+    clips = data.clip_set("val", 4, data.TASKS["distractor"])
+    kinds = torch.stack([diagnose.unit_kinds(clip) for clip in clips])
+    slots = kinds.shape[1]
+    assert (kinds[:, 0] == -1).all()
+    assert int((kinds == 0).sum()) == sum(int(clip.changed.sum()) for clip in clips)
+    assert int((kinds == 1).sum()) == len(clips) * (slots - 1) * data.TASKS["distractor"].screens
+
+    result = diagnose.probe(model, clips, row)
+    assert set(result.pulls) == {"lm", "aux", "penalty"} and not model.training
+    # mean(logit^2) over every logit: d/dlogit = 2 logit / count
+    torch.testing.assert_close(result.pulls["penalty"], -weight * 2 * result.logits / result.logits.numel())
+    assert result.pulls["lm"].abs().max() > 0 and result.pulls["aux"].abs().max() > 0
+    summary = {row["kind"]: row for row in diagnose.summarise(result, kinds)}
+    assert [row["units"] for row in summary.values()] == [int((kinds == k).sum()) for k in range(3)]
+    recall = evaluate(model, clips, row, settings)["recall"]
+    assert summary["answer"]["kept"] == pytest.approx(recall)
+    assert "| answer |" in diagnose.render(list(summary.values()))

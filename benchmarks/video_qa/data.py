@@ -122,12 +122,15 @@ class Clip:
         changed (`torch.Tensor` of shape `(slots, units_per_slot)`, bool): units where the question's event changes
             the clean pixels from the previous temporal slot (what answers; the screens are left out; slot 0 is all
             False).
+        screens (`torch.Tensor` of shape `(units_per_slot,)`, bool): the units that show a distractor screen (all
+            False without screens).
     """
 
     video: torch.Tensor
     question: int
     answer: int
     changed: torch.Tensor
+    screens: torch.Tensor
 
 
 def textured_background(settings: VideoSettings, generator: torch.Generator) -> torch.Tensor:
@@ -237,12 +240,15 @@ def make_clip(name: str, settings: VideoSettings, question: int | None = None) -
     clean = textured_background(settings, generator).expand(settings.frames, -1, -1, -1).clone()
     answer = EVENTS[question](clean, rng, settings)
     changed = changed_units(clean)  # what the question is about (the screens are not)
+    screens = torch.zeros(settings.cells, settings.cells, dtype=torch.bool)
     if settings.screens:
         used = changed.any(dim=0).view(settings.cells, settings.cells)
         free = [(r, c) for r in range(settings.cells) for c in range(settings.cells) if not used[r, c]]
-        add_screens(clean, rng.sample(free, min(settings.screens, len(free))), generator)
+        cells = rng.sample(free, min(settings.screens, len(free)))
+        add_screens(clean, cells, generator)
+        screens[tuple(zip(*cells))] = True
     noise = torch.randn(clean.shape, generator=generator) * settings.noise
-    return Clip((clean + noise).clamp(0, 1), question, answer, changed)
+    return Clip((clean + noise).clamp(0, 1), question, answer, changed, screens.flatten())
 
 
 def clip_stream(split: str, seed: int, settings: VideoSettings) -> Iterator[Clip]:

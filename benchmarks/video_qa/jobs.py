@@ -60,18 +60,15 @@ def plan(
     return sorted(jobs, key=cost, reverse=True)
 
 
-def run(job: Job, train: TrainSettings, eval_split: str, threads: int) -> dict[str, Any]:
-    """Fine-tune one row from its task's init (unless it has nothing to train in its regime), then evaluate it on
-    the task's evaluation set."""
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    row = ROWS[job.row]
-    video = TASKS[row.task]
+def fine_tune(job: Job, train: TrainSettings, row: Row | None = None) -> tuple[torch.nn.Module, Curves]:
+    """The model of one job, built from its init and fine-tuned as its row says (nothing to train: as built), and
+    its training curves. `row` replaces the job's row (a variant of it, e.g. other options)."""
+    row = row or ROWS[job.row]
     model = build_model(row, job.regime, job.seed, job.init, train)
     torch.manual_seed(20_000 + job.seed)  # the random method draws its training-time masks from torch's RNG
     curves = Curves()
-    label = f"{job.row} {job.regime} seed {job.seed}"
-    stream = clip_stream("train", job.seed, video)
+    label = f"{row.name} {job.regime} seed {job.seed}"
+    stream = clip_stream("train", job.seed, TASKS[row.task])
     if row.two_phase:
         model.set_trainable(scorer=True, base=False)
         curves = train_steps(model, row, stream, train.steps, train.lr, train, f"{label}, scorer phase")
@@ -79,7 +76,17 @@ def run(job: Job, train: TrainSettings, eval_split: str, threads: int) -> dict[s
         curves.extend(train_steps(model, row, stream, train.steps, train.lr, train, f"{label}, base phase"))
     elif job.regime == "trained" or row.trains_in_frozen_regime:
         curves = train_steps(model, row, stream, train.steps, train.lr, train, label)
-    clips = clip_set(eval_split, train.eval_size, video)
+    return model, curves
+
+
+def run(job: Job, train: TrainSettings, eval_split: str, threads: int) -> dict[str, Any]:
+    """Fine-tune one row from its task's init (unless it has nothing to train in its regime), then evaluate it on
+    the task's evaluation set."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    row = ROWS[job.row]
+    model, curves = fine_tune(job, train)
+    clips = clip_set(eval_split, train.eval_size, TASKS[row.task])
     if job.picture:
         draw_kept_units(model, picture_clips(clips), row, job.picture)
     return {
