@@ -82,7 +82,8 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         f"then the base trained with the scorer frozen for {train['steps']} steps (as many base-training steps as "
         "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`). upper rows: "
         "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change; the LM loss ranks "
-        "the units that changed), both losses at their default weights, in one phase.",
+        "the units that changed), both losses at their default weights, in one phase; upper-two-phase rows: the "
+        "same scorer trained in two phases, as the two-phase rows are.",
     ]
 
 

@@ -52,7 +52,8 @@ class Row:
 
     @property
     def regimes(self) -> tuple[str, ...]:
-        """A two-phase row is the lm-penalty row in the frozen regime (its second phase would train nothing)."""
+        """A two-phase row runs in the trained regime only: in the frozen regime it is its one-phase row (its
+        second phase, the base's, would train nothing)."""
         return ("trained",) if self.two_phase else REGIMES
 
     @property
@@ -108,6 +109,10 @@ def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
         for percent in (50, 80)
     ]
     rows += [Row(f"{prefix}stts-{percent}-upper", "scorer", percent / 100, task, options=UPPER) for percent in (50, 80)]
+    rows += [
+        Row(f"{prefix}stts-{percent}-upper-two-phase", "scorer", percent / 100, task, options=UPPER, two_phase=True)
+        for percent in (50, 80)
+    ]
     if ablations:
         rows += [Row(f"{prefix}stts-50-{name}", "scorer", 0.5, task, options=options) for name, options in ABLATIONS]
     return rows
@@ -123,6 +128,7 @@ ROWS = {
         Row("long-stts-50-2x-lm-penalty", "scorer", 0.5, task="long", options=LM_PENALTY),
         Row("long-stts-50-2x-two-phase", "scorer", 0.5, task="long", options=LM_PENALTY, two_phase=True),
         Row("long-stts-50-2x-upper", "scorer", 0.5, task="long", options=UPPER),
+        Row("long-stts-50-2x-upper-two-phase", "scorer", 0.5, task="long", options=UPPER, two_phase=True),
     )
 }
 

@@ -56,6 +56,9 @@ VARIANT_GOALS = (
 )
 
 
+VARIANTS = ("lm-penalty", "two-phase", "upper", "upper-two-phase")  # the row-name suffixes of STTS's training variants
+
+
 def variant_claims(variant: str) -> list[tuple[str, str, str, float, bool]]:
     """`VARIANT_GOALS` for the rows of `variant` (named `<row>-<variant>`), labelled `<variant>: <goal>`.
 
@@ -89,7 +92,7 @@ CLAIMS = (
     ("goal: STTS-80% >= similarity-80% - 1", "stts-80", "similarity-80", -1.0, True),
     ("goal: STTS-80% >= random-80% + 10", "stts-80", "random-80", 10.0, True),
     ("goal: distractors: STTS-50% >= similarity-50% + 5", "distractor-stts-50", "distractor-similarity-50", 5.0, True),
-    *(claim for variant in ("lm-penalty", "two-phase", "upper") for claim in variant_claims(variant)),
+    *(claim for variant in VARIANTS for claim in variant_claims(variant)),
 )
 
 
