@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 2 examples/train_with_trainer.py  # DDP, unchanged (gloo on CPU, NCCL on GPUs)
     accelerate launch --multi_gpu --num_processes 2 examples/train_with_trainer.py  # DDP too (gloo without GPUs)
     python examples/train_with_trainer.py --model PATH          # your Qwen2.5-VL checkpoint (on disk or in cache)
+    python examples/train_with_trainer.py --aux-loss bce_upper --scorer-first-steps 15  # two phases (README's
+                                                                # recipe when content changes without mattering)
 
 Every video is a static textured background with one coloured square moving across it; the question asks for the
 square's colour or for the direction it moves in; the answer is one token (and EOS). The recipe:
@@ -69,6 +71,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scorer-lr", type=float, default=3e-4, help="the scorer's learning rate")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--prune-ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--aux-loss",
+        choices=("bce", "mse", "bce_upper"),
+        default="bce",
+        help="STTSConfig.aux_loss; bce_upper for scenes whose content changes without mattering (README)",
+    )
+    parser.add_argument(
+        "--scorer-first-steps",
+        type=int,
+        default=0,
+        help="two phases: the scorer alone for this many steps, then LoRA alone (STTSCallback(scorer_first_steps))",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -149,7 +163,7 @@ def build_model(args: argparse.Namespace) -> STTSModel:
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
     peft_model = get_peft_model(load_base_model(args), lora)
     torch.manual_seed(args.seed + 1)  # the scorer's initialisation
-    stts = STTSConfig(prune_ratio=args.prune_ratio, prune_layer=SIZES[args.size]["prune_layer"])
+    stts = STTSConfig(prune_ratio=args.prune_ratio, prune_layer=SIZES[args.size]["prune_layer"], aux_loss=args.aux_loss)
     return apply_stts(peft_model, stts)
 
 
@@ -185,7 +199,8 @@ def main() -> None:
         label_names=["labels"],  # the STTS model (like a PeftModel) hides the label argument from the Trainer
         train_sampling_strategy="sequential",  # the set is in random order already: N processes x batch B see the
         # same batches as 1 process x batch N*B
-        ddp_find_unused_parameters=False,  # every batch has videos, so the scorer and every LoRA layer get gradients
+        # Every batch has videos, so the scorer and every LoRA layer get gradients (in two phases, the frozen half none)
+        ddp_find_unused_parameters=args.scorer_first_steps > 0,
         save_strategy="no",  # adapters are saved below; Trainer checkpoints would hold the whole model
         activation_checkpointing=args.gradient_checkpointing,  # of the base model's layers; STTS works with it
         report_to="none",
@@ -202,7 +217,7 @@ def main() -> None:
         eval_dataset=eval_set,
         data_collator=collator,
         optimizers=(optimizer, None),  # the Trainer builds the scheduler; it scales both groups alike
-        callbacks=[STTSCallback(save_adapters=False)],
+        callbacks=[STTSCallback(save_adapters=False, scorer_first_steps=args.scorer_first_steps)],
     )
     if trainer.is_world_process_zero():
         model.print_trainable_parameters()

@@ -1,6 +1,7 @@
 """The video-file example runs end to end: an mp4 written by the script, the real Qwen2.5-VL processor class with a
 tiny offline tokenizer, STTS at 50%, generate, and the picture of the kept units."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,3 +26,25 @@ def test_the_video_file_example_prunes_generates_and_draws(tmp_path):
     assert any(line.startswith("generated ids: [") and line.count(",") == 7 for line in lines)  # 8 new tokens
     assert (tmp_path / "example_clip.mp4").stat().st_size > 0
     assert (tmp_path / "video_file_kept.png").stat().st_size > 0
+
+
+def run_trainer_example(output: Path, *arguments: str) -> dict:
+    """The Trainer example on the tiny model, in this process's environment; returns its summary."""
+    command = [sys.executable, str(REPO / "examples" / "train_with_trainer.py"), "--size", "tiny"]
+    command += ["--output-dir", str(output), "--summary-json", str(output / "summary.json"), *arguments]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output / "summary.json").read_text())
+
+
+def test_the_trainer_example_runs_the_two_phase_bce_upper_recipe(tmp_path):
+    """`--aux-loss bce_upper --scorer-first-steps 2`: the saved adapter says bce_upper; before the switch only the
+    scorer trains (1 and 2 steps: same LoRA, other scorer), after it only LoRA (2 and 4 steps: same scorer, other
+    LoRA)."""
+    recipe = ("--aux-loss", "bce_upper", "--scorer-first-steps", "2")
+    one, two, four = (run_trainer_example(tmp_path / str(n), *recipe, "--max-steps", str(n)) for n in (1, 2, 4))
+    assert json.loads((tmp_path / "4" / "stts" / "stts_config.json").read_text())["aux_loss"] == "bce_upper"
+    assert [run["global_step"] for run in (one, two, four)] == [1, 2, 4]
+    assert one["lora_checksum"] == two["lora_checksum"] and one["scorer_checksum"] != two["scorer_checksum"]
+    assert two["scorer_checksum"] == four["scorer_checksum"] and two["lora_checksum"] != four["lora_checksum"]
