@@ -3,12 +3,13 @@
 `model.vision_tower` (a CLIP vision model) runs a video's frames as a batch, `(videos * frames, 1 + patches, D)`. The
 "default" feature-select strategy drops the CLS token; `vision_resampler` pools every frame's patch grid with a
 `spatial_pool_stride` kernel and stride (2: average pooling of 2x2 cells), then `multi_modal_projector` maps every
-pooled token to the LLM. There is no newline token for videos. A pruning unit is one pooling cell (2x2 patches),
-so the pooled grid loses whole tokens and a kept token's features depend on kept patches only; the pruned patches
-are scattered back (holding their block k+1 features) only so that the pooling sees the full grid, and their pooled
-tokens are dropped afterwards. The CLS token of every frame is never pruned (it stays in the ViT for the kept
-patches to attend to). On a grid the stride does not divide, the pooling ignores the last rows / columns: those
-patches belong to no unit and are never pruned either. Images (any-resolution, with newlines) are never pruned.
+pooled token to the LLM. There is no newline token for videos. A pruning unit is one pooling cell (2x2 patches), so the
+pooled grid loses whole tokens and a kept token's features depend on kept patches only; the pruned patches are scattered
+back (holding their block k+1 features) only so that the pooling sees the full grid, and their pooled tokens are dropped
+before the projector, which runs on the kept cells only. The CLS token of every frame is never pruned (it stays in the
+ViT for the kept patches to attend to). On a grid the stride does not divide, the pooling ignores the last rows /
+columns: those patches belong to no unit and are never pruned either. Images (any-resolution, with newlines) are never
+pruned.
 
 `encode_videos` mirrors `LlavaNextVideoModel.get_video_features` of transformers 5.23; the shared CLIP-tower logic
 (CLS prefix, captured `vision_feature_layer`) lives in `model_registry/video_llava.py`.
@@ -60,6 +61,5 @@ class LlavaNextVideoEntry(ClipVideoTowerEntry):
         strategy = inputs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         if strategy == "default":
             selected = selected[:, self.num_prefix_tokens :]
-        features = core.multi_modal_projector(core.vision_resampler(selected))  # (frames, units_per_frame, D)
-        videos = vision_pass.layout.num_videos
-        return list(features.reshape(videos, -1, features.shape[-1]))  # per video: frames x units
+        pooled = core.vision_resampler(selected)  # (videos * frames, units_per_frame, D): every cell, then
+        return self.project_kept(core.multi_modal_projector, pooled, vision_pass)  # the projector on kept cells only

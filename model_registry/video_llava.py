@@ -9,7 +9,7 @@ the LLM sequence. Images go through the separate `model.image_tower`, which STTS
 
 `ClipVideoTowerEntry` holds what both CLIP-tower families share: the tower's blocks, the CLS prefix token of every
 frame, capturing the layers named by `vision_feature_layer` and reading them back the way the 5.23
-`get_video_features` of both models does.
+`get_video_features` of both models does, and the projector run on the kept tokens only (`project_kept`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
 from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout
+from stts_adapter.selection import VideoLayout, scatter_kept
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 
@@ -101,6 +101,29 @@ class ClipVideoTowerEntry(FrameBatchViTEntry):
         layers = [vision_pass.captured[block_of_hidden_state(i, depth)] for i in self.feature_layers(model, inputs)]
         return layers[0] if len(layers) == 1 else torch.cat(layers, dim=-1)
 
+    def project_kept(
+        self, projector: nn.Module, tokens: torch.Tensor, vision_pass: VisionPruningPass
+    ) -> list[torch.Tensor]:
+        """The projector on the kept video tokens only (it maps every token alone), per video in placeholder order,
+        the pruned tokens' rows zero (the core drops them with their placeholders).
+
+        Args:
+            projector (`nn.Module`): the model's multi-modal projector.
+            tokens (`torch.Tensor` of shape `(videos * frames, placeholders_per_frame, hidden_size)`): the tokens that
+                fill the placeholders, in their order.
+            vision_pass (`VisionPruningPass`): the pass whose kept units decide.
+
+        Returns:
+            `list[torch.Tensor]`: per video, `(frames * placeholders_per_frame, llm_hidden_size)`.
+        """
+        flat = tokens.flatten(0, 1)
+        if vision_pass.prunes_units:
+            keep = torch.cat(self.video_placeholder_keep(vision_pass.layout, vision_pass.keep)).to(flat.device)
+            projected = scatter_kept(projector(flat[keep]), keep)
+        else:
+            projected = projector(flat)
+        return list(projected.reshape(vision_pass.layout.num_videos, -1, projected.shape[-1]))
+
 
 @register_architecture
 class VideoLlavaEntry(ClipVideoTowerEntry):
@@ -119,10 +142,10 @@ class VideoLlavaEntry(ClipVideoTowerEntry):
     def encode_videos(
         self, model: nn.Module, inputs: dict[str, Any], vision_pass: VisionPruningPass
     ) -> list[torch.Tensor]:
-        # VideoLlavaModel.get_video_features (transformers 5.23): the projector on every token, CLS included.
-        features = model.model.multi_modal_projector(self.selected_video_features(model, inputs, vision_pass))
-        videos = vision_pass.layout.num_videos
-        return list(features.reshape(videos, -1, features.shape[-1]))  # per video: frames x (CLS, patches)
+        # VideoLlavaModel.get_video_features (transformers 5.23): the projector on every token, CLS included (here
+        # on the kept ones). Per video: frames x (CLS, patches).
+        selected = self.selected_video_features(model, inputs, vision_pass)
+        return self.project_kept(model.model.multi_modal_projector, selected, vision_pass)
 
     def video_placeholder_keep(self, layout: VideoLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
         keep = []

@@ -110,11 +110,13 @@ def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fres
         unit_bias = frame_key_bias(stts, report, patches_per_unit=4)
         token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias[:, cells]], dim=1)
     reference = masked_tower_reference(stts, batch, keep_token, token_bias)
-    assert pruned.shape == reference.shape == (8, 4, 64)  # (frames, pooled tokens, vision width)
-    torch.testing.assert_close(pruned[keep_units], reference[keep_units], atol=1e-5, rtol=1e-5)
+    assert reference.shape == (8, 4, 64)  # (frames, pooled tokens, vision width)
+    # The projector sees the kept cells only, in placeholder order.
+    assert pruned.shape == (int(keep_units.sum()), 64) and int(keep_units.sum()) < keep_units.numel()
+    torch.testing.assert_close(pruned, reference[keep_units], atol=1e-5, rtol=1e-5)
     with stts.disable_stts(), torch.no_grad():
         (bare,) = projector_inputs(model, lambda: model(**batch))
-    assert not torch.allclose(pruned[keep_units], bare[keep_units], atol=1e-4)  # pruning did change the kept cells
+    assert not torch.allclose(pruned, bare[keep_units], atol=1e-4)  # pruning did change the kept cells
 
 
 def test_several_feature_layers_and_a_call_that_asks_for_other_layers(fresh):

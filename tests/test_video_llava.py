@@ -79,11 +79,13 @@ def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fres
         unit_bias = frame_key_bias(stts, report, patches_per_unit=1)
         token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias.view(-1, 16)], dim=1)
     reference = masked_tower_reference(stts, batch, keep_token, token_bias)
-    assert pruned.shape == reference.shape == (8, 17, 64)
-    torch.testing.assert_close(pruned[keep_token], reference[keep_token], atol=1e-5, rtol=1e-5)
+    assert reference.shape == (8, 17, 64)
+    # The projector sees the kept tokens only (each frame's CLS and its kept patches), in placeholder order.
+    assert pruned.shape == (int(keep_token.sum()), 64) and int(keep_token.sum()) < keep_token.numel()
+    torch.testing.assert_close(pruned, reference[keep_token], atol=1e-5, rtol=1e-5)
     with stts.disable_stts(), torch.no_grad():
         (bare,) = projector_inputs(model, lambda: model(**batch))
-    assert not torch.allclose(pruned[keep_token], bare[keep_token], atol=1e-4)  # pruning did change the kept tokens
+    assert not torch.allclose(pruned, bare[keep_token], atol=1e-4)  # pruning did change the kept tokens
 
 
 def test_several_feature_layers_and_a_call_that_asks_for_other_layers(fresh):
