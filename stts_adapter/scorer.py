@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 class UnitAttentionPool(nn.Module):
     """Pools a unit's patches into one vector: multi-head attention whose query is the mean of the patches.
 
+    The parameters are those of an `nn.MultiheadAttention` (`attention`), and the result is its output, computed
+    with the key and value projections moved to the side that has one row per unit: a head's score of patch x is
+    q_h . (W_k,h x) = (W_k,h^T q_h) . x, and its output sum_p a_p (W_v,h x_p + b_v,h) = W_v,h (sum_p a_p x_p) + b_v,h
+    (the weights sum to 1). So the projections run once per unit instead of once per patch; the key bias adds the
+    same score to every patch of a unit and cancels in the softmax.
+
     Args:
         dim (`int`): patch feature size.
         num_heads (`int`): attention heads (must divide `dim`).
@@ -31,16 +37,23 @@ class UnitAttentionPool(nn.Module):
     def forward(self, unit_patches: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(num_units, patches_per_unit, dim) -> (num_units, dim); `patch_mask` (num_units, patches_per_unit) is
         False at padding slots of units smaller than the largest."""
+        attention = self.attention
+        units, dim, heads = unit_patches.shape[0], attention.embed_dim, attention.num_heads
+        w_query, w_key, w_value = attention.in_proj_weight.view(3, heads, dim // heads, dim)  # (heads, head_dim, D)
+        b_query, _, b_value = attention.in_proj_bias.view(3, heads, dim // heads)
         if patch_mask is None:
-            query = unit_patches.mean(dim=1, keepdim=True)
-            pooled, _ = self.attention(query, unit_patches, unit_patches, need_weights=False)
+            query = unit_patches.mean(dim=1)
         else:
             weights = patch_mask.to(unit_patches.dtype).unsqueeze(-1)
-            query = (unit_patches * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
-            pooled, _ = self.attention(
-                query, unit_patches, unit_patches, key_padding_mask=~patch_mask, need_weights=False
-            )
-        return pooled.squeeze(1)
+            query = (unit_patches * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        query = torch.einsum("uD,hdD->uhd", query, w_query) + b_query  # (U, heads, head_dim)
+        query_in_patch_space = torch.einsum("uhd,hdD->uhD", query, w_key) / math.sqrt(dim // heads)
+        scores = torch.einsum("uhD,upD->uhp", query_in_patch_space, unit_patches)  # (U, heads, P)
+        if patch_mask is not None:
+            scores = scores.masked_fill(~patch_mask.unsqueeze(1), float("-inf"))
+        mixed = torch.einsum("uhp,upD->uhD", scores.softmax(dim=-1), unit_patches)  # each head's weighted patches
+        values = torch.einsum("uhD,hdD->uhd", mixed, w_value) + b_value  # (U, heads, head_dim)
+        return attention.out_proj(values.reshape(units, dim))
 
 
 class STTSScorer(nn.Module):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stts_adapter.losses import previous_frame_change, temporal_aux_loss
-from stts_adapter.scorer import STTSScorer, soft_key_bias
+from stts_adapter.scorer import STTSScorer, UnitAttentionPool, soft_key_bias
 from stts_adapter.selection import (
     VideoLayout,
     pruned_unit_counts,
@@ -702,6 +702,35 @@ def test_scorer_first_frame_pairs_with_zeros_and_others_with_previous_frame():
         previous = [pooled[p] if p >= 0 else torch.zeros(D) for p in ref_previous((2, 3), (3, 2))]
         expected = torch.sigmoid(scorer.mlp(torch.cat([torch.stack(previous), pooled], dim=-1)).squeeze(-1))
     torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_unit_pooling_is_multihead_attention_from_the_mean_query_value_and_gradient(masked):
+    """The pooling moves the key and value projections to the unit side; nn.MultiheadAttention, run on its own
+    parameters with the patches' mean as query (and the padding as key_padding_mask), is the oracle, in float64."""
+    torch.manual_seed(0)
+    pool = UnitAttentionPool(D, HEADS).double()
+    with torch.no_grad():  # biases away from 0, so that dropping the key bias is checked
+        pool.attention.in_proj_bias.normal_()
+        pool.attention.out_proj.bias.normal_()
+    patches = torch.randn(7, 5, D, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(7, 5) < 0.7 if masked else None
+    if masked:
+        mask[:, 0] = True  # every unit has a patch
+    pooled = pool(patches, mask)
+    if masked:
+        weights = mask.double().unsqueeze(-1)
+        query = (patches * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)
+    else:
+        query = patches.mean(dim=1, keepdim=True)
+    padding = None if mask is None else ~mask
+    expected = pool.attention(query, patches, patches, key_padding_mask=padding, need_weights=False)[0].squeeze(1)
+    torch.testing.assert_close(pooled, expected, atol=1e-12, rtol=1e-10)
+    direction = torch.randn_like(pooled)
+    got = torch.autograd.grad((pooled * direction).sum(), [patches, *pool.parameters()])
+    want = torch.autograd.grad((expected * direction).sum(), [patches, *pool.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
 
 
 def test_scorer_previous_frame_changes_frame_one_only():

@@ -25,7 +25,8 @@ class FlopCount:
     `*_attention` fields are the attention products (Q K^T and P V, quadratic in the segment length); the others are
     weight matmuls. `vit_head`: blocks 0..prune_layer (every token); `bias_block`: block prune_layer+1 (every token,
     the key bias), its query/key/value projections apart in `bias_block_qkv`; `vit_tail`: blocks prune_layer+2..
-    (kept tokens only); `scorer_input`: the scorer's query and key/value projections, `scorer` the rest of it.
+    (kept tokens only); `scorer_input`: the scorer's products with the patches as one input (the query projection
+    of their mean, the scores, the mixing), `scorer` the rest of it.
     """
 
     patch_embed: float = 0.0
@@ -55,8 +56,8 @@ class FlopCount:
         (2 forward, 4 backward). Whole model: everything 3x but the patch embedding (no input gradient: 2x).
         Scorer only, the gradient flows from the loss down to block prune_layer+1: with STTS (a scorer is counted)
         it reaches that block only through the key bias, so its q/k/v projections need nothing (1x) and its
-        attention only dP = dO V^T (1.5x); the scorer's input projections have an input without gradient (2x). The
-        baseline (`gradient_probe`) back-propagates into that block's input: 2x / 3x like the blocks after it.
+        attention only dP = dO V^T (1.5x); the scorer's products with the patches have an input without gradient
+        (2x). The baseline (`gradient_probe`) back-propagates into that block's input: 2x / 3x like the blocks after it.
         """
         if whole_model:
             return 2 * self.patch_embed + 3 * (self.forward() - self.patch_embed)
@@ -96,11 +97,12 @@ def lm_head_flops(text_config: Any, tokens: int) -> float:
     return float(2 * tokens * text_config.hidden_size * text_config.vocab_size)
 
 
-def add_scorer(count: FlopCount, units: int, patches: int, width: int, hidden: int) -> None:
-    """The STTS scorer on `units` units of `patches` patches: attention pooling (query and key/value input
-    projections; the products and the output projection) and the MLP 2D -> H -> H -> 1."""
-    count.scorer_input = float(2 * units * width * width + 2 * units * patches * width * 2 * width)
-    pooling = 4 * units * patches * width + 2 * units * width * width
+def add_scorer(count: FlopCount, units: int, patches: int, width: int, heads: int, hidden: int) -> None:
+    """The STTS scorer on `units` units of `patches` patches: attention pooling with its key and value projections
+    on the unit side (`UnitAttentionPool`: the query projection, the query through the key projection, the scores
+    and the mixing per head, the value and output projections) and the MLP 2D -> H -> H -> 1."""
+    count.scorer_input = float(2 * units * width * width + 2 * 2 * units * heads * patches * width)
+    pooling = 3 * 2 * units * width * width
     count.scorer = float(pooling + 2 * units * (2 * width * hidden + hidden * hidden + hidden))
 
 
@@ -178,7 +180,7 @@ def qwen2_5_vl_flops(
     kept_units = int(keep.sum()) if stts else keep.numel()
     count.connector = 2.0 * kept_units * unit * width * (unit * width + vision.out_hidden_size)
     if stts:
-        add_scorer(count, keep.numel(), unit, width, scorer_hidden)
+        add_scorer(count, keep.numel(), unit, width, vision.num_heads, scorer_hidden)
     return add_language_model(count, config.text_config, sequence_length)
 
 
@@ -227,7 +229,7 @@ def llava_onevision_flops(
     projected = frames * tokens_per_frame if every_patch else int(keep_patch.sum())
     count.connector = 2.0 * projected * text_width * (width + text_width)
     if stts:
-        add_scorer(count, keep.numel(), int(cell_sizes.max()), width, scorer_hidden)
+        add_scorer(count, keep.numel(), int(cell_sizes.max()), width, vision.num_attention_heads, scorer_hidden)
     return add_language_model(count, config.text_config, sequence_length)
 
 
