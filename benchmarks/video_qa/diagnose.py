@@ -62,12 +62,13 @@ def probe(model: torch.nn.Module, clips: Sequence[Clip], row: Row) -> Probe:
             captured.append(output)
 
     handle = model.scorer.register_forward_hook(keep_logits, with_kwargs=True)
+    was_training = model.training
     try:
         model.train()
         report = model(**build_batch(model.config, clips, row)).stts
     finally:
         handle.remove()
-        model.eval()
+        model.train(was_training)
     (logits,) = captured
     config = model.stts_config
     terms = {
