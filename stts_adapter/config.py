@@ -77,7 +77,11 @@ class STTSConfig:
             "'bce_upper' (ours): the change is an upper bound of the score, not its target: the 'bce' loss (minus its "
             "minimum) only where a score is above clamp(1 - cos, 0.01, 0.99), so what did not change is pushed down "
             "and the LM loss alone ranks the units that changed (content that changes without mattering, a screen "
-            "or flicker, is not taught to score high). The scores of the units it drops fall towards 0."
+            "or flicker, is not taught to score high). The scores of the units it drops fall towards 0: nothing bounds "
+            "the logits, so the saturated fraction the Trainer callback logs goes to 1 (expected here; selection and "
+            "the key bias work on the logits). With a trained base, train in two phases "
+            "(STTSCallback(scorer_first_steps=N)): in one the base moves under the scorer and misranked units stay "
+            "misranked (README)."
         },
     )
     logit_penalty_weight: float = field(

@@ -155,3 +155,9 @@ def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_l
     recall = evaluate(model, clips, row, settings)["recall"]
     assert summary["answer"]["kept"] == pytest.approx(recall)
     assert "| answer |" in diagnose.render(list(summary.values()))
+
+
+def test_diagnose_options_parse_json_values_and_keep_other_text_as_strings():
+    assert diagnose.parse_option("logit_penalty_weight=0.001") == ("logit_penalty_weight", 0.001)
+    assert diagnose.parse_option("key_bias=false") == ("key_bias", False)
+    assert diagnose.parse_option("aux_loss=bce_upper") == ("aux_loss", "bce_upper")
