@@ -3,9 +3,9 @@ what it keeps, whether the answer tops its frame, and how strongly each loss ter
 
     python -m benchmarks.video_qa.diagnose distractor-stts-50-upper frozen 0 --set logit_penalty_weight=0.001
 
-The tables' accuracies tell what a row reaches; this tells why (the issue-12 lesson: a number can look right, or
-wrong, for a reason nobody looked at). It trains the row like a benchmark job, then runs one training-mode forward
-on evaluation clips and takes the gradient of each loss term with respect to the scorer's logits.
+The tables' accuracies tell what a row reaches; this tells why (a number can look right, or wrong, for a reason
+nobody looked at). It trains the row like a benchmark job, then runs one training-mode forward on evaluation clips
+and takes the gradient of each loss term with respect to the scorer's logits.
 """
 
 from __future__ import annotations
