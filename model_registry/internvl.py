@@ -45,7 +45,7 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
 from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout, scatter_kept
+from stts_adapter.selection import VideoLayout, apply_to_kept
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 PIXEL_VIDEO_INDEX = "pixel_values_video_index"
@@ -239,8 +239,7 @@ class InternVLEntry(FrameBatchViTEntry):
         features = core.pixel_shuffle(features, scale_factor=model.config.downsample_ratio)
         features = features.reshape(-1, features.shape[-1])  # (rows * units, dim): the placeholders, in order
         (keep,) = self.video_placeholder_keep(vision_pass.layout, vision_pass.keep)
-        keep = keep.to(features.device)
-        return [scatter_kept(core.multi_modal_projector(features[keep]), keep)]  # the connector sees kept units only
+        return [apply_to_kept(core.multi_modal_projector, features, keep)]  # the connector sees kept units only
 
     # ------------------------------------------------------------------------------------------------ the LLM
     def video_placeholder_keep(self, layout: InternVLLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from stts_adapter.errors import STTSInputError
 from stts_adapter.packing import FrameTokens
 from stts_adapter.registry import register_architecture
 from stts_adapter.runtime import VisionPruningPass
-from stts_adapter.selection import VideoLayout, scatter_kept
+from stts_adapter.selection import VideoLayout, apply_to_kept
 from stts_adapter.vit import FrameBatchViTEntry, block_of_hidden_state
 
 
@@ -116,12 +116,8 @@ class ClipVideoTowerEntry(FrameBatchViTEntry):
         Returns:
             `list[torch.Tensor]`: per video, `(frames * placeholders_per_frame, llm_hidden_size)`.
         """
-        flat = tokens.flatten(0, 1)
-        if vision_pass.prunes_units:
-            keep = torch.cat(self.video_placeholder_keep(vision_pass.layout, vision_pass.keep)).to(flat.device)
-            projected = scatter_kept(projector(flat[keep]), keep)
-        else:
-            projected = projector(flat)
+        keep = torch.cat(self.video_placeholder_keep(vision_pass.layout, vision_pass.keep))
+        projected = apply_to_kept(projector, tokens.flatten(0, 1), keep)
         return list(projected.reshape(vision_pass.layout.num_videos, -1, projected.shape[-1]))
 
 

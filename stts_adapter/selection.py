@@ -7,6 +7,7 @@ unit inside a frame (the order of the LLM placeholders). `VideoLayout` describes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -190,3 +191,23 @@ def scatter_kept(kept_rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """
     kept = torch.nonzero(keep.to(kept_rows.device)).squeeze(1)
     return kept_rows.new_zeros(len(keep), kept_rows.shape[-1]).index_copy(0, kept, kept_rows)
+
+
+def apply_to_kept(
+    function: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """`function` (a connector that maps every row on its own) on the kept rows only, scattered back with
+    `scatter_kept`; on every row when all are kept.
+
+    Args:
+        function (`Callable`): `(n, dim) -> (n, out_dim)`, row by row (e.g. a projector).
+        rows (`torch.Tensor` of shape `(num_entries, dim)`).
+        keep (`torch.Tensor` of shape `(num_entries,)`, bool).
+
+    Returns:
+        `torch.Tensor` of shape `(num_entries, out_dim)`, zero rows where `keep` is False.
+    """
+    keep = keep.to(rows.device)
+    if bool(keep.all()):
+        return function(rows)
+    return scatter_kept(function(rows[keep]), keep)
