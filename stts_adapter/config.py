@@ -87,11 +87,23 @@ class STTSConfig:
     logit_penalty_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Ours, not in the paper: weight of mean(logit^2) over the scorer's logits, added to the loss in "
-            "training. It bounds the logits' scale, which nothing else does when aux_loss_weight is 0 or small: the "
-            "soft key bias is rescaled per frame, so the LM loss alone drives the logits apart until the sigmoid "
-            "saturates. The ranking, the bias and the LM gradient do not depend on that scale. 0.01 with "
-            "aux_loss_weight=0 is the README's 'lm-only + penalty' row."
+            "help": "Ours, not in the paper: weight of the logit penalty, mean(max(|logit| - logit_penalty_margin, "
+            "0)^2) over the scorer's logits (mean(logit^2) at the default margin 0), added to the loss in training. It "
+            "bounds the logits' scale, which nothing else does when aux_loss_weight is 0 or small, or with "
+            "aux_loss='bce_upper': the LM loss alone drives the logits apart until the sigmoid saturates. The ranking "
+            "does not depend on that scale; the key bias does (at a large scale every unit but a frame's best is at "
+            "log(bias_min), where the LM gradient vanishes). 0.01 with aux_loss_weight=0 is the README's lm-penalty "
+            "rows; 0.1 with logit_penalty_margin=6 and aux_loss='bce_upper' its upper-margin rows."
+        },
+    )
+    logit_penalty_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "Ours: the logit penalty counts only the part of |logit| above this margin, "
+            "mean(max(|logit| - margin, 0)^2). 0: mean(logit^2), which pulls every logit towards 0. A margin leaves "
+            "the logits free inside [-margin, margin] and only keeps them from leaving it; below ~9.2 no score "
+            "saturates. With aux_loss='bce_upper' it costs accuracy (the README's upper-margin rows): the scorer "
+            "separates the units by growing the logits' scale."
         },
     )
     key_bias: bool = field(
@@ -207,6 +219,12 @@ class STTSConfig:
             _is_number(self.logit_penalty_weight) and self.logit_penalty_weight >= 0,
             "logit_penalty_weight",
             self.logit_penalty_weight,
+            "a number >= 0",
+        )
+        _check(
+            _is_number(self.logit_penalty_margin) and self.logit_penalty_margin >= 0,
+            "logit_penalty_margin",
+            self.logit_penalty_margin,
             "a number >= 0",
         )
         _check(

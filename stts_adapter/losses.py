@@ -93,3 +93,21 @@ def temporal_aux_loss(
     if not bool(has_previous.any()):
         return per_unit.sum() * 0.0
     return per_unit[has_previous].mean()
+
+
+def logit_penalty(logits: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """mean(max(|logit| - margin, 0)^2): the scale penalty on the scorer's logits (ours).
+
+    With `margin=0` it is mean(logit^2), which pulls every logit towards 0, the units that matter included. With a
+    margin it is silent inside [-margin, margin] and only stops the logits from leaving it: the LM loss and the aux
+    loss order the units freely there, and a margin below ~9.2 keeps every score off the sigmoid's flat tails
+    (`STTSReport.saturated_fraction`).
+
+    Args:
+        logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits.
+        margin (`float`): half-width of the penalty-free band, >= 0.
+
+    Returns:
+        `torch.Tensor`: a float32 scalar.
+    """
+    return F.relu(logits.float().abs() - margin).square().mean()

@@ -198,6 +198,7 @@ class STTSModel(nn.Module):
             keep_first_frame=c.keep_first_frame,
             detach_aux_target=c.detach_aux_target,
             aux_loss=c.aux_loss,
+            logit_penalty_margin=c.logit_penalty_margin,
             key_bias=c.key_bias,
             score_gate=c.score_gate,
             seed=c.seed,
@@ -214,7 +215,7 @@ class STTSModel(nn.Module):
         Returns:
             The base model's output over the pruned sequence, with `out.stts`: an `STTSReport` when videos were
             pruned, None when the call pruned nothing (no video, or STTS disabled). In training mode `out.loss` = LM
-            loss + `aux_loss_weight` x temporal auxiliary loss (+ `logit_penalty_weight` x mean(logit^2)).
+            loss + `aux_loss_weight` x temporal auxiliary loss (+ `logit_penalty_weight` x the logit penalty).
         """
         self._check_loaded()
         kwargs = _inputs_as_kwargs(args, kwargs, self.architecture)
@@ -238,7 +239,7 @@ class STTSModel(nn.Module):
         return outputs if return_dict is not False else outputs.to_tuple()
 
     def _scorer_loss(self, report: STTSReport) -> torch.Tensor | None:
-        """`aux_loss_weight` x the temporal aux loss + `logit_penalty_weight` x mean(logit^2); None when both are 0
+        """`aux_loss_weight` x the temporal aux loss + `logit_penalty_weight` x the logit penalty; None when both are 0
         (or nothing was scored by a learned scorer)."""
         c = self.stts_config
         terms = [

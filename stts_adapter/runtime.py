@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import temporal_aux_loss
+from .losses import logit_penalty, temporal_aux_loss
 from .packing import PrunedVarlen, RowPacking, TokenUnits
 from .registry import ArchitectureEntry
 from .scorer import STTSScorer, soft_key_bias
@@ -42,6 +42,7 @@ class PruningSettings:
     keep_first_frame: bool
     detach_aux_target: bool
     aux_loss: str
+    logit_penalty_margin: float
     key_bias: bool
     score_gate: bool
     seed: int
@@ -168,7 +169,7 @@ class VisionPruningPass:
             self.aux_loss = temporal_aux_loss(
                 ranking, unit_patches, previous_unit, settings.detach_aux_target, settings.aux_loss
             )
-            self.logit_penalty = ranking.float().square().mean()
+            self.logit_penalty = logit_penalty(ranking, settings.logit_penalty_margin)
         elif settings.method == "similarity":
             scores = ranking = similarity_scores(unit_patches.detach(), layout)
         else:

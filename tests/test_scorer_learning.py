@@ -188,15 +188,22 @@ def test_the_bce_upper_aux_loss_brings_every_score_below_its_change(load):
     assert norms[-1] < norms[0]
 
 
-@pytest.mark.parametrize("logit_penalty_weight", [0.0, 0.01])
-def test_the_logit_penalty_brings_a_saturated_lm_only_scorer_back(load, logit_penalty_weight):
-    """Without the aux loss nothing bounds the logits' scale (the key bias is rescaled per frame): a scorer whose
-    logits start at +-hundreds stays saturated under the LM loss alone, and returns within the sigmoid's slope with
-    the logit penalty."""
+@pytest.mark.parametrize(
+    "losses, comes_back",
+    [
+        (dict(aux_loss_weight=0.0), False),
+        (dict(aux_loss_weight=0.0, logit_penalty_weight=0.01), True),
+        (dict(aux_loss="bce_upper"), False),
+        (dict(aux_loss="bce_upper", logit_penalty_weight=0.1, logit_penalty_margin=6.0), True),
+    ],
+    ids=["lm-only", "lm-only+penalty", "bce_upper", "bce_upper+margin-penalty"],
+)
+def test_the_logit_penalty_brings_a_saturated_scorer_back(load, losses, comes_back):
+    """Without the aux loss, or with the upper-bound one (silent below each unit's change), nothing bounds the
+    logits' scale (the key bias is rescaled per frame): a scorer whose logits start at +-hundreds stays saturated,
+    and returns within the sigmoid's slope with the logit penalty; with a margin, inside [-margin, margin]."""
     model = load()
-    config = STTSConfig(
-        prune_ratio=0.5, prune_layer=PRUNE_LAYER, aux_loss_weight=0.0, logit_penalty_weight=logit_penalty_weight
-    )
+    config = STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER, **losses)
     torch.manual_seed(SCORER_SEED)
     stts = apply_stts(model, config).train()
     with torch.no_grad():
@@ -211,7 +218,7 @@ def test_the_logit_penalty_brings_a_saturated_lm_only_scorer_back(load, logit_pe
         optimizer.zero_grad()
         reports.append(out.stts)
     assert reports[0].saturated_fraction > 0.5
-    if logit_penalty_weight:
+    if comes_back:
         assert reports[-1].saturated_fraction == 0.0
     else:
         assert reports[-1].saturated_fraction > 0.5

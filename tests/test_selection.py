@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stts_adapter.losses import previous_frame_change, temporal_aux_loss
+from stts_adapter.losses import logit_penalty, previous_frame_change, temporal_aux_loss
 from stts_adapter.scorer import STTSScorer, UnitAttentionPool, soft_key_bias
 from stts_adapter.selection import (
     VideoLayout,
@@ -546,6 +546,23 @@ def test_temporal_aux_loss_gradient_on_the_logits_matches_the_spec(kind):
         else:  # d (s - c)^2 / d logit = 2 (s - c) s (1 - s)
             expected.append(2 * (s - c) * s * (1 - s) / count)
     torch.testing.assert_close(logits.grad.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- logit penalty
+def test_logit_penalty_without_a_margin_is_the_mean_square():
+    logits = torch.tensor([-3.0, 0.5, 2.0, 10.0], dtype=torch.float16)
+    penalty = logit_penalty(logits)
+    assert penalty.dtype == torch.float32
+    assert float(penalty) == pytest.approx((9 + 0.25 + 4 + 100) / 4)
+
+
+def test_logit_penalty_counts_only_the_part_beyond_its_margin_and_pulls_nothing_inside():
+    logits = torch.tensor([-9.0, -6.0, -2.0, 0.0, 5.9, 8.0], requires_grad=True)
+    penalty = logit_penalty(logits, margin=6.0)
+    assert float(penalty) == pytest.approx((3**2 + 2**2) / 6)
+    penalty.backward()
+    # d/dl of (|l| - 6)^2 / 6 beyond the margin, pulling back towards it; 0 inside
+    assert logits.grad.tolist() == pytest.approx([-1.0, 0.0, 0.0, 0.0, 0.0, 4.0 / 6])
 
 
 def test_the_bce_aux_loss_keeps_a_gradient_where_the_mse_one_saturates():

@@ -83,7 +83,9 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`). upper rows: "
         "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change; the LM loss ranks "
         "the units that changed), both losses at their default weights, in one phase; upper-two-phase rows: the "
-        "same scorer trained in two phases, as the two-phase rows are.",
+        "same scorer trained in two phases, as the two-phase rows are; upper-margin rows: the upper rows with "
+        "`logit_penalty_weight=0.1, logit_penalty_margin=6` (the logits held inside [-6, 6], where no score "
+        "saturates), in one phase.",
     ]
 
 

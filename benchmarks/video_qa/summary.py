@@ -56,7 +56,8 @@ VARIANT_GOALS = (
 )
 
 
-VARIANTS = ("lm-penalty", "two-phase", "upper", "upper-two-phase")  # the row-name suffixes of STTS's training variants
+# The row-name suffixes of STTS's training variants.
+VARIANTS = ("lm-penalty", "two-phase", "upper", "upper-two-phase", "upper-margin")
 
 
 def variant_claims(variant: str) -> list[tuple[str, str, str, float, bool]]:
