@@ -8,6 +8,7 @@ model used outside a pass (e.g. `disable_stts`, or images) is exactly the base m
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -95,9 +96,10 @@ class VisionPruningPass:
         self.captured: dict[int, torch.Tensor] = {}
         self.attention_mask: torch.Tensor | None = None
 
-    @property
+    @functools.cached_property
     def prunes_units(self) -> bool:
-        """Whether the selection dropped any unit (False at prune ratio 0, or when every frame keeps all its units)."""
+        """Whether the selection dropped any unit (False at prune ratio 0, or when every frame keeps all its units).
+        Read after `score`, which sets `keep` once per pass; cached (on GPU each read would be a device sync)."""
         return not bool(self.keep.all())
 
     @contextlib.contextmanager
