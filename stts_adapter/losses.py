@@ -99,9 +99,9 @@ def logit_penalty(logits: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """mean(max(|logit| - margin, 0)^2): the scale penalty on the scorer's logits (ours).
 
     With `margin=0` it is mean(logit^2), which pulls every logit towards 0, the units that matter included. With a
-    margin it is silent inside [-margin, margin] and only stops the logits from leaving it: the LM loss and the aux
-    loss order the units freely there, and a margin below ~9.2 keeps every score off the sigmoid's flat tails
-    (`STTSReport.saturated_fraction`).
+    margin it is silent inside [-margin, margin] and only stops the logits from leaving it; a margin below ~9.2 keeps
+    every score off the sigmoid's flat tails (`STTSReport.saturated_fraction`). (With `aux_loss="bce_upper"`, whose
+    scorer separates the units by growing the logits' scale, a bound costs accuracy: the README's upper-margin rows.)
 
     Args:
         logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits.

@@ -201,7 +201,7 @@ def test_the_bce_upper_aux_loss_brings_every_score_below_its_change(load):
 def test_the_logit_penalty_brings_a_saturated_scorer_back(load, losses, comes_back):
     """Without the aux loss, or with the upper-bound one (silent below each unit's change), nothing bounds the
     logits' scale (the key bias is rescaled per frame): a scorer whose logits start at +-hundreds stays saturated,
-    and returns within the sigmoid's slope with the logit penalty; with a margin, inside [-margin, margin]."""
+    and returns within the sigmoid's slope with the logit penalty (with a margin, towards [-margin, margin])."""
     model = load()
     config = STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER, **losses)
     torch.manual_seed(SCORER_SEED)
