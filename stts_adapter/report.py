@@ -26,9 +26,10 @@ class STTSReport:
         scores (`list[torch.Tensor]`): per video, the `(frames, units_per_frame)` scores that chose them (detached).
         logits (`list[torch.Tensor]`, *optional*): per video, the scorer's `(frames, units_per_frame)` logits
             (detached; method "scorer" only). Selection ranks by them.
-        aux_loss (`torch.Tensor`, *optional*): the temporal auxiliary loss of this call (method "scorer").
+        aux_loss (`torch.Tensor`, *optional*): the temporal auxiliary loss of this call (method "scorer", training
+            mode only: it is a term of the training loss, and eval mode skips its cost).
         logit_penalty (`torch.Tensor`, *optional*): mean(max(|logit| - logit_penalty_margin, 0)^2) over the
-            scorer's logits (method "scorer"); in training `out.loss` holds `logit_penalty_weight` x it.
+            scorer's logits (method "scorer", training mode only); `out.loss` holds `logit_penalty_weight` x it.
         lm_loss (`torch.Tensor`, *optional*): the LM loss alone, when labels were given.
         sequence (`SequencePruning`, *optional*): how the token sequences shrank; `prune_like` applies it to other
             tensors. None for a ViT without a language model.

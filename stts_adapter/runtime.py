@@ -155,7 +155,8 @@ class VisionPruningPass:
     # ------------------------------------------------------------------------------------------------ scoring
     def score(self, hidden_states: torch.Tensor) -> None:
         """Score the units in block prune_layer's output and choose the kept ones: sets `scores`, `keep` and, with
-        the learned scorer, `logits`, `aux_loss`, `logit_penalty` and the key bias of the next block.
+        the learned scorer, `logits`, the key bias of the next block and, in training mode, `aux_loss` and
+        `logit_penalty`.
 
         Args:
             hidden_states (`torch.Tensor`): the block's output, `(..., vit_hidden)` in the ViT's token order.
@@ -168,10 +169,11 @@ class VisionPruningPass:
             # (sorting tied scores would fall back to the units' positions).
             self.logits = ranking = self.scorer(unit_patches, previous_unit, patch_mask, output_logits=True)
             scores = torch.sigmoid(ranking)
-            self.aux_loss = temporal_aux_loss(
-                ranking, unit_patches, previous_unit, settings.detach_aux_target, settings.aux_loss
-            )
-            self.logit_penalty = logit_penalty(ranking, settings.logit_penalty_margin)
+            if settings.training:  # only the training loss holds them; eval skips their cost
+                self.aux_loss = temporal_aux_loss(
+                    ranking, unit_patches, previous_unit, settings.detach_aux_target, settings.aux_loss
+                )
+                self.logit_penalty = logit_penalty(ranking, settings.logit_penalty_margin)
         elif settings.method == "similarity":
             scores = ranking = similarity_scores(unit_patches.detach(), layout)
         else:

@@ -319,7 +319,8 @@ class STTSCallback(TrainerCallback):
       gradient clipping, as the optimizer sees it), averaged over the steps since the previous log;
     - `stts_scorer_lr`: the scorer's learning rate, when the optimizer was built with `stts_parameter_groups`.
 
-    Evaluation logs get the same numbers for the evaluation calls, under the evaluation prefix (`eval_stts_...`).
+    Evaluation logs get the same numbers for the evaluation calls, under the evaluation prefix (`eval_stts_...`),
+    except the aux loss, which the model does not compute in eval mode.
     The numbers come from the model's `STTSReport` of every call (`STTSModel.register_report_hook`); the callback
     never reads the model's outputs.
 

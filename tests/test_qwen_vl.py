@@ -357,12 +357,13 @@ def test_report_contents(load):
     batch = two_video_batch(model)
     stts = apply_stts(model, STTSConfig(prune_ratio=0.5, prune_layer=PRUNE_LAYER))
     report = stts(**batch).stts
+    assert not stts.training and report.aux_loss is None and report.logit_penalty is None  # training-only terms
+    assert math.isfinite(stts.train()(**batch).stts.aux_loss.item())
     slots = batch["video_grid_thw"][:, 0].tolist()
     assert [m.shape[0] for m in report.keep_masks] == slots
     assert [int(m.sum()) for m in report.keep_masks] == report.units_after
     assert [s.shape for s in report.scores] == [m.shape for m in report.keep_masks]
     assert all(((s > 0) & (s < 1)).all() for s in report.scores)
-    assert math.isfinite(report.aux_loss.item())
     assert 0.4 < report.kept_fraction < 0.7
     # The kept units of a frame are its highest-scoring ones within the video's global budget.
     checked = 0

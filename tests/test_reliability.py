@@ -643,6 +643,15 @@ def _capture_passes(stts, case):
     return passes, handle
 
 
+def _loss_refs(report, training: bool) -> list:
+    """Weak references to the report's aux loss and logit penalty, which only training mode computes."""
+    losses = (report.aux_loss, report.logit_penalty)
+    if not training:
+        assert losses == (None, None), "eval mode computed a training-only loss"
+        return []
+    return [weakref.ref(loss) for loss in losses]
+
+
 @pytest.mark.parametrize("case", CASES + VISION_CASES, ids=repr)
 def test_nothing_keeps_a_calls_pass_report_or_outputs_alive(case):
     """After a call returns and its outputs are dropped, its pruning pass, report, aux loss and logits are freed: no
@@ -656,7 +665,7 @@ def test_nothing_keeps_a_calls_pass_report_or_outputs_alive(case):
         for training in (False, True):
             stts.train(training)
             out = stts(**inputs)
-            survivors += [weakref.ref(out), weakref.ref(out.stts), weakref.ref(out.stts.aux_loss)]
+            survivors += [weakref.ref(out), weakref.ref(out.stts), *_loss_refs(out.stts, training)]
             del out
     else:
         batch = batch_of(case, model, [case.video(1)], answers=True)
@@ -665,7 +674,7 @@ def test_nothing_keeps_a_calls_pass_report_or_outputs_alive(case):
             out = stts(**batch)
             if training:
                 out.loss.backward()
-            survivors += [weakref.ref(out.logits), weakref.ref(out.stts), weakref.ref(out.stts.aux_loss)]
+            survivors += [weakref.ref(out.logits), weakref.ref(out.stts), *_loss_refs(out.stts, training)]
             del out
         stts.eval()
         prompt = {k: v for k, v in batch.items() if k != "labels"}

@@ -219,8 +219,10 @@ def test_trainer_trains_lora_and_scorer_logs_stts_numbers_and_checkpoints_the_ad
         {k: v for k, v in log.items() if k != "step"} for log in train_logs
     ]
     (eval_log,) = [h for h in trainer.state.log_history if "eval_loss" in h]
-    assert eval_log["eval_stts_kept_fraction"] == 0.5 and "eval_stts_aux_loss" in eval_log
-    assert eval_log["eval_loss"] == pytest.approx(eval_log["eval_stts_lm_loss"])  # no aux loss in eval mode
+    assert eval_log["eval_stts_kept_fraction"] == 0.5 and "eval_stts_score_mean" in eval_log
+    # Eval mode neither adds the aux loss to the loss nor computes it.
+    assert eval_log["eval_loss"] == pytest.approx(eval_log["eval_stts_lm_loss"])
+    assert "eval_stts_aux_loss" not in eval_log
 
     after = trainable(model)
     assert any(not torch.equal(before[n], after[n]) for n in after if n.startswith("scorer."))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -164,14 +165,15 @@ def block_output(model: STTSModel, batch: dict, index: int) -> torch.Tensor:
 
 def scoring_step(model: STTSModel, batch: dict, training: bool) -> Callable[[], None]:
     """One scoring step alone on block prune_layer's output, as a pruning pass runs it (`VisionPruningPass.score`:
-    unit gathering, scorer, temporal aux loss, key bias, selection); in training with the scorer's backward."""
+    unit gathering, scorer, key bias, selection, and in training the temporal aux loss and the scorer's backward)."""
     entry, base = model.architecture, model.transformers_model
     hidden = block_output(model, batch, model.stts_config.prune_layer)
     layout = entry.video_layout(base, batch)
     tokens = entry.vision_tokens(base, batch, layout)
 
     def run() -> None:
-        vision_pass = VisionPruningPass(entry, model.pruning_settings(), model.scorer, layout, tokens)
+        settings = replace(model.pruning_settings(), training=training)
+        vision_pass = VisionPruningPass(entry, settings, model.scorer, layout, tokens)
         with torch.set_grad_enabled(training):
             vision_pass.score(hidden)
             if training:

@@ -224,9 +224,10 @@ def markdown(results: list[dict], settings: dict[str, Any]) -> str:
             "elsewhere) during the first whole-model training step in a fresh process (forkserver), baseline vs STTS"
         )
         + ".",
-        "- scorer: the scoring step alone (unit gathering, scorer, aux loss, key bias, selection) on block "
-        "prune_layer's output, as a share of the baseline forward / of the baseline whole-model training step (with "
-        "its backward). 'STTS at ratio 0' is a full STTS forward pruning nothing, against the baseline.",
+        "- scorer: the scoring step alone (unit gathering, scorer, key bias, selection; in training also the aux "
+        "loss) on block prune_layer's output, as a share of the baseline forward / of the baseline whole-model "
+        "training step (with its backward). 'STTS at ratio 0' is a full STTS forward pruning nothing, against the "
+        "baseline.",
         "",
     ]
     for name in dict.fromkeys(r["family"] for r in results):
