@@ -3,10 +3,9 @@
 The SigLIP tower runs a video's frames as a batch. The connector projects the selected layer's patches, then pools
 every frame's grid bilinearly to ceil(h/2) x ceil(w/2) tokens, and appends one newline token per video. A pruning
 unit is the cell of patches nearest one pooled token (2x2 on even grids); the newline is never pruned. The layers the
-connector reads are scattered back onto the full grid (pruned positions hold their block k+1 features). On an even
-grid a pooled token is the mean of its own 2x2 cell, so the projector runs on the kept cells' patches only; on an odd
-grid the bilinear weights reach across cells, so the projector and the pooling run on the whole grid and the pooled
-tokens of pruned units are dropped afterwards.
+connector reads are scattered back onto the full grid (pruned positions hold their block k+1 features). A pooled token
+is a weighted sum of at most 2x2 projected patches (its own cell on an even grid; on an odd grid the bilinear weights
+reach across cells), so the projector runs only on the patches the kept tokens read.
 """
 
 from __future__ import annotations
@@ -32,28 +31,43 @@ def nearest_cell_units(height: int, width: int, pooled_height: int, pooled_width
     return (rows[:, None] * pooled_width + columns[None, :]).flatten()
 
 
-def project_kept_cells(projector: nn.Module, patches: torch.Tensor, side: int, keep: torch.Tensor) -> torch.Tensor:
-    """`apply_pooling(projector(patches))` of an even grid, computed for the kept cells only.
+def pooling_weights(core: nn.Module, side: int, device: torch.device | str) -> torch.Tensor:
+    """The model's pooling as a matrix: `(pooled_tokens, side * side)`, the weight of every patch in every pooled
+    token, read off `apply_pooling` of the identity (so it is the model's own interpolation, whatever it is)."""
+    identity = torch.eye(side * side, device=device)[None]  # one channel per patch
+    return core.apply_pooling(identity)[0]
 
-    Bilinear downsampling by exactly 2 (`align_corners=False`) weighs each axis 0.5 / 0.5 within a 2x2 cell: a
-    pooled token is the mean of its cell's four projected patches, and the projector only needs the kept cells'.
+
+def project_kept_units(
+    projector: nn.Module, patches: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """`apply_pooling(projector(patches))` computed for the kept pooled tokens only: the projector runs on the
+    patches they read, and each is the weighted sum of its patches' projections (the pooling is linear and comes
+    after the projector).
 
     Args:
         projector (`nn.Module`): the multi-modal projector, applied to every patch on its own.
         patches (`torch.Tensor` of shape `(frames, side * side, dim)`): the frames' row-major patch grids.
-        side (`int`): patches per side, even.
-        keep (`torch.Tensor` of shape `(frames * (side // 2) ** 2,)`, bool): kept cells, frame after frame,
-            row-major (the units of `nearest_cell_units`).
+        weights (`torch.Tensor` of shape `(units_per_frame, side * side)`): `pooling_weights`, >= 0.
+        keep (`torch.Tensor` of shape `(frames * units_per_frame,)`, bool): kept pooled tokens, frame after frame.
 
     Returns:
-        `torch.Tensor` of shape `(frames, (side // 2) ** 2, projected_dim)`: the rows of pruned cells are zero.
+        `torch.Tensor` of shape `(frames, units_per_frame, projected_dim)`: the rows of pruned tokens are zero.
     """
-    frames, _, dim = patches.shape
-    half = side // 2
-    cells = patches.reshape(frames, half, 2, half, 2, dim).transpose(2, 3).reshape(-1, 4, dim)  # (cells, 4, dim)
-    keep = keep.to(cells.device)
-    pooled = projector(cells[keep]).mean(dim=1)  # (kept_cells, projected_dim)
-    return scatter_kept(pooled, keep).view(frames, half * half, -1)
+    frames, grid, _ = patches.shape
+    keep = keep.to(patches.device).view(frames, -1)
+    taps = int((weights != 0).sum(1).max())
+    tap_weight, tap_patch = weights.topk(taps, dim=1)  # (units, taps): the patches each token reads
+    frame, unit = keep.nonzero(as_tuple=True)
+    frame, tap_weight, tap_patch = frame[:, None].expand(-1, taps), tap_weight[unit], tap_patch[unit]  # (kept, taps)
+    needed = torch.zeros(frames, grid, dtype=torch.bool, device=patches.device)
+    reads = tap_weight != 0  # a row with fewer patches than `taps` ends with 0-weight taps
+    needed[frame[reads], tap_patch[reads]] = True
+    projected = projector(patches[needed])  # (needed patches, projected_dim)
+    row = (needed.flatten().cumsum(0) - 1).view(frames, grid)  # each needed patch's row of `projected`
+    rows = row[frame, tap_patch].clamp(min=0)  # (kept, taps); a 0-weight tap may read any row
+    pooled = (projected[rows].float() * tap_weight[..., None].float()).sum(dim=1).to(projected.dtype)
+    return scatter_kept(pooled, keep.flatten()).view(frames, keep.shape[1], -1)
 
 
 @register_architecture
@@ -100,13 +114,11 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
         strategy = inputs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         if strategy == "default":
             selected = selected[:, 1:]
-        side, _ = self._grid(model)
-        if side % 2 or not vision_pass.prunes_units:
-            # Odd grids: the bilinear weights reach across cells, the pooling needs the whole projected grid. Nothing
-            # pruned: the upstream computation, so that the outputs are the bare model's bit for bit.
+        if vision_pass.prunes_units:
+            weights = pooling_weights(core, self._grid(model)[0], selected.device)
+            features = project_kept_units(core.multi_modal_projector, selected, weights, vision_pass.keep)
+        else:  # the upstream computation, so that the outputs are the bare model's bit for bit
             features = core.apply_pooling(core.multi_modal_projector(selected))  # (frames, units_per_frame, D)
-        else:
-            features = project_kept_cells(core.multi_modal_projector, selected, side, vision_pass.keep)
         features = features.reshape(videos, frames * features.shape[1], -1)
         newline = core.image_newline[None, :].to(features)
         return [torch.cat([video, newline]) for video in features]

@@ -1,6 +1,6 @@
-"""LLaVA-OneVision specifics (tiny random config, CPU): on an even patch grid the projector runs on the kept cells'
-patches only (the bilinear pooling by 2 is the mean of each 2x2 cell), on an odd grid on the whole restored grid; the
-kept pooled tokens are the bare model's projector + `apply_pooling` either way. What every family must do is in
+"""LLaVA-OneVision specifics (tiny random config, CPU): the projector runs only on the patches the kept pooled tokens
+read (on an even grid their own 2x2 cells; on an odd grid the bilinear weights reach across cells), and the kept pooled
+tokens are the bare model's projector + `apply_pooling` of the whole restored grid. What every family must do is in
 test_conformance.py (case `LLAVA_ONEVISION`)."""
 
 import pytest
@@ -79,11 +79,21 @@ def test_kept_pooled_tokens_equal_the_bare_projector_and_pooling(fresh, image_si
         assert torch.equal(video[-1], core.image_newline)
 
 
+def patches_read_by(model, keep_masks):
+    """How many patches the kept pooled tokens depend on: those where the gradient of the bare `apply_pooling`'s kept
+    tokens is non-zero."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    grids = torch.ones(len(keep_masks) * FRAMES, side * side, 1, requires_grad=True)
+    pooled = model.model.apply_pooling(grids)  # (videos * frames, units_per_frame, 1)
+    pooled[torch.cat([mask.view(FRAMES, -1) for mask in keep_masks])].sum().backward()
+    return int((grids.grad != 0).sum())
+
+
 @pytest.mark.parametrize(
-    ("image_size", "ratio", "projects_kept_only"),
-    [(56, 0.5, True), (56, 0.0, True), (70, 0.5, False)],  # an odd grid projects every patch
+    ("image_size", "ratio"),
+    [(56, 0.5), (56, 0.0), (70, 0.5), (70, 0.0)],  # 4x4 patches (2x2 cells) and 5x5 (bilinear weights across cells)
 )
-def test_the_projector_sees_the_kept_cells_patches_only_on_an_even_grid(fresh, image_size, ratio, projects_kept_only):
+def test_the_projector_sees_only_the_patches_the_kept_tokens_read(fresh, image_size, ratio):
     model = fresh(image_size)
     stts = stts_of(model, prune_ratio=ratio)
     outputs = []
@@ -92,23 +102,26 @@ def test_the_projector_sees_the_kept_cells_patches_only_on_an_even_grid(fresh, i
     report = outputs[0].stts
     rows = projected.shape[:-1].numel()
     patches = 2 * FRAMES * (image_size // 14) ** 2
-    if projects_kept_only:
-        assert rows == 4 * sum(report.units_after)  # 2x2 cells
-        assert rows == (patches if ratio == 0 else patches // 2)
+    assert rows == patches_read_by(model, report.keep_masks)
+    if ratio == 0:
+        assert rows == patches
+    elif image_size == 56:
+        assert rows == 4 * sum(report.units_after) == patches // 2  # the kept 2x2 cells
     else:
-        assert rows == patches and sum(report.units_after) < sum(report.units_before)
+        assert sum(report.units_after) < sum(report.units_before) and rows < patches
 
 
-def test_training_equals_the_full_grid_path(fresh, monkeypatch):
+@pytest.mark.parametrize("image_size", [56, 70])
+def test_training_equals_the_full_grid_path(fresh, monkeypatch, image_size):
     """A training step (the scorer learning through the key bias) gives the loss and the scorer gradients of the
     previous path, which projected every patch and pooled the whole restored grid."""
 
     def step(full_grid):
-        model = fresh()
+        model = fresh(image_size)
         if full_grid:
             pool = model.model.apply_pooling
             monkeypatch.setattr(
-                llava_onevision, "project_kept_cells", lambda projector, x, side, keep: pool(projector(x))
+                llava_onevision, "project_kept_units", lambda projector, x, weights, keep: pool(projector(x))
             )
         stts = stts_of(model, prune_ratio=0.5).train()
         out = stts(**padded_batch(model, answers=True))

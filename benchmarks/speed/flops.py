@@ -5,11 +5,13 @@ for the baseline and for STTS (ideal and as executed), and `counted_flops`, the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -196,8 +198,8 @@ def llava_onevision_flops(
 
     Ideal: blocks after prune_layer + 1 attend within each frame's kept patches and the projector runs on kept
     patches. Executed: those blocks run packed rows of the full frame length (padding slots included, attention over
-    the whole row under a block-diagonal mask); the projector runs on the kept cells' patches of an even grid, on
-    every patch of an odd one (its bilinear pooling reaches across cells).
+    the whole row under a block-diagonal mask); the projector runs on the patches the kept tokens' bilinear pooling
+    reads (the kept cells' on an even grid, a few more on an odd one, where the weights reach across cells).
     """
     vision = config.vision_config
     width, mlp = vision.hidden_size, vision.intermediate_size
@@ -225,12 +227,23 @@ def llava_onevision_flops(
         qkv = 2.0 * tokens * width * 3 * width
         add_block(count, block - prune_layer - 1, qkv, other, attention_products(lengths, width))
     text_width = config.text_config.hidden_size
-    every_patch = not stts or (executed and side % 2 == 1)
-    projected = frames * tokens_per_frame if every_patch else int(keep_patch.sum())
+    if not stts:
+        projected = frames * tokens_per_frame
+    else:
+        projected = patches_read(keep.flatten(1), side) if executed else int(keep_patch.sum())
     count.connector = 2.0 * projected * text_width * (width + text_width)
     if stts:
         add_scorer(count, keep.numel(), int(cell_sizes.max()), width, vision.num_attention_heads, scorer_hidden)
     return add_language_model(count, config.text_config, sequence_length)
+
+
+def patches_read(keep: torch.Tensor, side: int) -> int:
+    """Patches that the kept tokens `(frames, pooled tokens)` of LLaVA-OneVision's bilinear 2x pooling of a `side`
+    x `side` grid read (`align_corners=False`: up to 2 x 2 patches each)."""
+    pooled = math.isqrt(keep.shape[1])
+    identity = torch.eye(side * side).view(1, side * side, side, side)  # one channel per patch
+    reads = F.interpolate(identity, size=(pooled, pooled), mode="bilinear")[0].flatten(1).T != 0  # (tokens, grid)
+    return int(((keep.float() @ reads.float()) > 0).sum())
 
 
 def generate_flops(count: FlopCount, text_config: Any, prompt_length: int, new_tokens: int = NEW_TOKENS) -> float:

@@ -208,9 +208,10 @@ def markdown(results: list[dict], settings: dict[str, Any]) -> str:
         "/ STTS FLOPs from the analytic matmul count (ViT blocks before and after the prune point with attention's "
         "quadratic term over the segments actually used, connector, LLM with its attention, lm_head, scorer), with "
         "the kept units of a real forward. 'As executed' counts what the implementation runs (LLaVA-OneVision: packed "
-        "rows of the full frame length; the projector on the kept cells of an even grid, on every patch of an odd "
-        "one). Like FlopCounterMode, the count holds matrix products only: norms, activations, RoPE, softmax and "
-        "kernel efficiency (e.g. the slow CPU Conv3d patch embedding, a fixed cost) are outside the ideal.",
+        "rows of the full frame length; the projector on the patches the kept tokens' pooling reads: the kept cells "
+        "of an even grid, a few more on an odd one). Like FlopCounterMode, the count holds matrix products only: "
+        "norms, activations, RoPE, softmax and kernel efficiency (e.g. the slow CPU Conv3d patch embedding, a fixed "
+        "cost) are outside the ideal.",
         "- generate: `generate(max_new_tokens=16, min_new_tokens=16, do_sample=False)`, prompt without the answer.",
         "- train, scorer only: `STTSConfig(train_base_model=False)`; the baseline is the frozen bare model "
         "back-propagating from the loss to the output of ViT block prune_layer (the path the scorer's gradient "
