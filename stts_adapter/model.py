@@ -230,7 +230,7 @@ class STTSModel(nn.Module):
         outputs = self.base_model(**model_inputs, return_dict=True)
         if outputs.get("loss") is not None:
             report.lm_loss = outputs.loss
-            scorer_loss = self._scorer_loss(report) if self.training else None
+            scorer_loss = self._scorer_loss(report)
             if scorer_loss is not None:
                 share = _aux_loss_share(kwargs, outputs.loss)
                 outputs["loss"] = outputs.loss + scorer_loss.to(outputs.loss.dtype) * share
@@ -239,8 +239,8 @@ class STTSModel(nn.Module):
         return outputs if return_dict is not False else outputs.to_tuple()
 
     def _scorer_loss(self, report: STTSReport) -> torch.Tensor | None:
-        """`aux_loss_weight` x the temporal aux loss + `logit_penalty_weight` x the logit penalty; None when both are 0
-        (or nothing was scored by a learned scorer)."""
+        """`aux_loss_weight` x the temporal aux loss + `logit_penalty_weight` x the logit penalty; None when both are 0,
+        in eval mode (the pass computes neither) or when nothing was scored by a learned scorer."""
         c = self.stts_config
         terms = [
             weight * term
