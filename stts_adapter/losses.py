@@ -61,9 +61,10 @@ def temporal_aux_loss(
       the sigmoid saturates and the gradient it passes back vanishes within a few dozen steps.
     - `"bce_upper"` (ours): the change is an upper bound of the score, not its target. The "bce" loss minus its
       minimum, only where the score is above the clamped target (the KL divergence from the target to the score
-      there, 0 below it): a unit that did not change is pushed down (it repeats the previous frame), while among
-      the units that changed the loss is silent and the LM loss alone decides which of them matter. Content that
-      changes without answering anything (a screen, flicker) is then not taught to score high.
+      there, 0 below it): a unit that did not change is pushed down (it repeats the previous frame), while on the
+      units that changed the loss is silent. Content that changes without answering anything (a screen, flicker)
+      is then not taught to score high. (Its scorer, pushed down on the static background, learns to drop what
+      looks like it: the README's upper and upper-aux-only rows.)
 
     Args:
         logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits (before the sigmoid).

@@ -832,7 +832,7 @@ def test_scorer_with_units_of_different_sizes_ignores_padding_slots():
 
 def test_the_bce_upper_aux_loss_pushes_down_only_the_scores_above_their_change():
     """A unit that repeats its predecessor (target 0.01) and scores high is pushed down; a unit that changed and
-    scores below its target gets no gradient, however low (the LM loss alone ranks the units that changed); the
+    scores below its target gets no gradient, however low (the aux loss does not rank the units that changed); the
     loss is 0 when no score is above its target."""
     patches = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(8))
     patches[3] = patches[0]  # repeats its predecessor: change 0

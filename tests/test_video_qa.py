@@ -39,6 +39,20 @@ def test_clips_are_deterministic_and_change_only_after_the_first_slot(task):
     assert not torch.equal(clips[0].video, data.clip_set("val", 1, settings)[0].video)
 
 
+def test_objects_are_the_squares_in_view_from_the_slot_they_appear_in():
+    """A colour or corner square appears in one unit and stays: `changed` marks that unit in the slot it appears,
+    `objects` from then on, in every later slot, unchanged; the rest of the frame shows no object."""
+    settings = data.TASKS["distractor"]
+    for clip in data.clip_set("val", 8, settings):
+        if data.QUESTION_TYPES[clip.question] not in ("colour", "corner"):
+            continue
+        (slot, unit), *others = clip.changed.nonzero().tolist()
+        assert not others  # one unit changes, once
+        expected = torch.zeros_like(clip.objects)
+        expected[slot:, unit] = True
+        assert torch.equal(clip.objects, expected) and not (clip.objects[:, clip.screens]).any()
+
+
 def test_distractor_screens_change_every_frame_outside_the_answer_and_more_than_the_answer():
     """The screens never cover a unit the question's event changes, change on every frame (so they are not part of
     `changed`, the answer's units), and change more than the answer does: the change rule ranks them first."""
@@ -129,7 +143,7 @@ def test_the_init_is_cached_by_its_settings_and_reused(tmp_path, monkeypatch):
 
 
 def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_logits(tmp_path):
-    """On a distractor batch: the kinds are the clips' own answer and screen units; the penalty's pull is its
+    """On a distractor batch: the kinds are the clips' own answer, object and screen units; the penalty's pull is its
     closed form; the answer units' kept share is the recall that `evaluate` measures in eval mode."""
     settings = train.TrainSettings(distractor_pretrain_steps=2, batch_size=2, eval_batch_size=4)
     init = train.pretrain("distractor", settings, str(tmp_path))
@@ -142,7 +156,10 @@ def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_l
     slots = kinds.shape[1]
     assert (kinds[:, 0] == -1).all()
     assert int((kinds == 0).sum()) == sum(int(clip.changed.sum()) for clip in clips)
-    assert int((kinds == 1).sum()) == len(clips) * (slots - 1) * data.TASKS["distractor"].screens
+    # the squares the events drew: visible where they changed and in later slots (never on a screen)
+    objects = torch.stack([clip.objects for clip in clips])[:, 1:]
+    assert int((kinds == 1).sum()) == int((objects & ~torch.stack([clip.changed for clip in clips])[:, 1:]).sum()) > 0
+    assert int((kinds == 2).sum()) == len(clips) * (slots - 1) * data.TASKS["distractor"].screens
 
     mode = model.training
     result = diagnose.probe(model, clips, row)
@@ -151,10 +168,21 @@ def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_l
     torch.testing.assert_close(result.pulls["penalty"], -weight * 2 * result.logits / result.logits.numel())
     assert result.pulls["lm"].abs().max() > 0 and result.pulls["aux"].abs().max() > 0
     summary = {row["kind"]: row for row in diagnose.summarise(result, kinds)}
-    assert [row["units"] for row in summary.values()] == [int((kinds == k).sum()) for k in range(3)]
+    assert [row["units"] for row in summary.values()] == [int((kinds == k).sum()) for k in range(4)]
     recall = evaluate(model, clips, row, settings)["recall"]
     assert summary["answer"]["kept"] == pytest.approx(recall)
     assert "| answer |" in diagnose.render(list(summary.values()))
+
+    # A training-free rule is probed as evaluated; the change rule drops what stays as it was, squares in view too.
+    similarity = rows.ROWS["distractor-similarity-50"]
+    model = train.build_model(similarity, "frozen", 0, init, settings)
+    mode = model.training
+    result = diagnose.probe(model, clips, similarity)
+    assert result.pulls == {} and model.training == mode
+    kept = {row["kind"]: row["kept"] for row in diagnose.summarise(result, kinds)}
+    recall = evaluate(model, clips, similarity, settings)["recall"]
+    assert kept["answer"] > 0 and kept["answer"] == pytest.approx(recall)
+    assert kept["object"] == kept["static"] == 0 and kept["screen"] > 50
 
 
 def test_diagnose_options_parse_json_values_and_keep_other_text_as_strings():

@@ -124,6 +124,9 @@ class Clip:
             False).
         screens (`torch.Tensor` of shape `(units_per_slot,)`, bool): the units that show a distractor screen (all
             False without screens).
+        objects (`torch.Tensor` of shape `(slots, units_per_slot)`, bool): units where a square the question's event
+            drew is in view (`changed` and where it stays unchanged in later slots: a square that appeared still
+            tells its colour and place).
     """
 
     video: torch.Tensor
@@ -131,6 +134,7 @@ class Clip:
     answer: int
     changed: torch.Tensor
     screens: torch.Tensor
+    objects: torch.Tensor
 
 
 def textured_background(settings: VideoSettings, generator: torch.Generator) -> torch.Tensor:
@@ -216,11 +220,22 @@ EVENTS = (add_colour_event, add_direction_event, add_count_event, add_corner_eve
 
 def changed_units(clean: torch.Tensor) -> torch.Tensor:
     """`(slots, units)` bool: units whose pixels differ from the same unit one temporal slot earlier."""
-    frames, _, height, width = clean.shape
-    slots = clean.reshape(frames // SLOT, SLOT, 3, height // CELL, CELL, width // CELL, CELL)
+    slots = unit_view(clean)
     difference = (slots[1:] - slots[:-1]).abs().amax(dim=(1, 2, 4, 6))  # (slots - 1, rows, columns)
     changed = torch.cat([torch.zeros_like(difference[:1]), difference]) > 1e-6
     return changed.flatten(1)
+
+
+def units_off_background(clean: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """`(slots, units)` bool: units whose pixels differ from the static background in some frame of the slot."""
+    difference = unit_view(clean - background).abs().amax(dim=(1, 2, 4, 6))  # (slots, rows, columns)
+    return (difference > 1e-6).flatten(1)
+
+
+def unit_view(video: torch.Tensor) -> torch.Tensor:
+    """`(frames, 3, H, W)` -> `(slots, SLOT, 3, rows, CELL, columns, CELL)`: one unit per (slot, row, column)."""
+    frames, _, height, width = video.shape
+    return video.reshape(frames // SLOT, SLOT, 3, height // CELL, CELL, width // CELL, CELL)
 
 
 def add_screens(video: torch.Tensor, cells: list[tuple[int, int]], generator: torch.Generator) -> None:
@@ -237,9 +252,11 @@ def make_clip(name: str, settings: VideoSettings, question: int | None = None) -
     rng = random.Random(name)
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
     question = rng.randrange(len(QUESTION_TYPES)) if question is None else question
-    clean = textured_background(settings, generator).expand(settings.frames, -1, -1, -1).clone()
+    background = textured_background(settings, generator)
+    clean = background.expand(settings.frames, -1, -1, -1).clone()
     answer = EVENTS[question](clean, rng, settings)
     changed = changed_units(clean)  # what the question is about (the screens are not)
+    objects = units_off_background(clean, background)
     screens = torch.zeros(settings.cells, settings.cells, dtype=torch.bool)
     if settings.screens:
         used = changed.any(dim=0).view(settings.cells, settings.cells)
@@ -248,7 +265,7 @@ def make_clip(name: str, settings: VideoSettings, question: int | None = None) -
         add_screens(clean, cells, generator)
         screens[tuple(zip(*cells))] = True
     noise = torch.randn(clean.shape, generator=generator) * settings.noise
-    return Clip((clean + noise).clamp(0, 1), question, answer, changed, screens.flatten())
+    return Clip((clean + noise).clamp(0, 1), question, answer, changed, screens.flatten(), objects)
 
 
 def clip_stream(split: str, seed: int, settings: VideoSettings) -> Iterator[Clip]:

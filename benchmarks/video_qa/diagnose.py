@@ -1,5 +1,5 @@
-"""What a fine-tuned scorer does, by kind of unit (the answer's, a screen's, a static one's): where its logits sit,
-what it keeps, whether the answer tops its frame, and how strongly each loss term pulls on the logits.
+"""What a fine-tuned scorer does, by kind of unit (the answer's, an object's, a screen's, a static one's): where its
+logits sit, what it keeps, whether the answer tops its frame, and how strongly each loss term pulls on the logits.
 
     python -m benchmarks.video_qa.diagnose distractor-stts-50-upper frozen 0 --set logit_penalty_weight=0.001
 
@@ -25,13 +25,16 @@ from benchmarks.video_qa.main import CACHE
 from benchmarks.video_qa.rows import ROWS, Row, build_batch
 from benchmarks.video_qa.train import TrainSettings, pretrain
 
-KINDS = ("answer", "screen", "static")  # a unit the question's event changed; a distractor screen; anything else
+# A unit the question's event changed; one where its square stays in view, unchanged (the answer's change shows once,
+# the square that tells its colour or place in every later slot); a distractor screen; the static background.
+KINDS = ("answer", "object", "screen", "static")
 
 
 def unit_kinds(clip: Clip) -> torch.Tensor:
     """`(slots, units)` index into `KINDS` of every unit of `clip`; -1 on the first slot (always kept, no change)."""
     kinds = torch.full_like(clip.changed, KINDS.index("static"), dtype=torch.long)
     kinds[:, clip.screens] = KINDS.index("screen")
+    kinds[clip.objects] = KINDS.index("object")
     kinds[clip.changed] = KINDS.index("answer")
     kinds[0] = -1
     return kinds
@@ -42,7 +45,7 @@ class Probe:
     """One training-mode forward of a scorer, on a batch of clips (every tensor `(clips, slots, units)`).
 
     Attributes:
-        logits: the scorer's logits.
+        logits: the scorer's logits (a training-free rule's scores, which it ranks the same way).
         kept: the units selection kept.
         pulls: per loss term ("lm", "aux", "penalty", each with its weight in the loss), -d(term)/d(logit): how
             hard, and which way, the term moves each logit.
@@ -54,7 +57,12 @@ class Probe:
 
 
 def probe(model: torch.nn.Module, clips: Sequence[Clip], row: Row) -> Probe:
-    """Run `clips` through `model` in training mode and take each loss term's gradient on the scorer's logits."""
+    """Run `clips` through `model` in training mode and take each loss term's gradient on the scorer's logits (a
+    training-free rule: an eval-mode forward, as `evaluate` runs it, and no pulls)."""
+    if model.scorer is None:
+        with torch.no_grad():
+            report = forward_in_mode(model, clips, row, training=False)
+        return Probe(torch.stack(report.scores), torch.stack(report.keep_masks), {})
     captured = []
 
     def keep_logits(module: torch.nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> None:
@@ -62,13 +70,10 @@ def probe(model: torch.nn.Module, clips: Sequence[Clip], row: Row) -> Probe:
             captured.append(output)
 
     handle = model.scorer.register_forward_hook(keep_logits, with_kwargs=True)
-    was_training = model.training
     try:
-        model.train()
-        report = model(**build_batch(model.config, clips, row)).stts
+        report = forward_in_mode(model, clips, row, training=True)
     finally:
         handle.remove()
-        model.train(was_training)
     (logits,) = captured
     config = model.stts_config
     terms = {
@@ -84,6 +89,16 @@ def probe(model: torch.nn.Module, clips: Sequence[Clip], row: Row) -> Probe:
             if gradient is not None:
                 pulls[name] = -gradient.detach().view(len(clips), *report.logits[0].shape)
     return Probe(logits.detach().view(len(clips), *report.logits[0].shape), torch.stack(report.keep_masks), pulls)
+
+
+def forward_in_mode(model: torch.nn.Module, clips: Sequence[Clip], row: Row, training: bool) -> Any:
+    """`out.stts` of one forward of `clips` in the given mode; the model keeps the mode it had."""
+    was_training = model.training
+    try:
+        model.train(training)
+        return model(**build_batch(model.config, clips, row)).stts
+    finally:
+        model.train(was_training)
 
 
 def summarise(result: Probe, kinds: torch.Tensor) -> list[dict[str, Any]]:
@@ -137,7 +152,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Fine-tune one row as the benchmark does, then print (and return) its per-kind summary."""
     parser = argument_parser(__doc__, prog="python -m benchmarks.video_qa.diagnose")
-    parser.add_argument("row", choices=[name for name, row in ROWS.items() if row.method == "scorer"])
+    parser.add_argument("row", choices=[name for name, row in ROWS.items() if row.prunes])
     parser.add_argument("regime", choices=("frozen", "trained"))
     parser.add_argument("seed", type=int)
     parser.add_argument(

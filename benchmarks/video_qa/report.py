@@ -81,9 +81,10 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         f"(trained regime only): the lm-penalty scorer trained alone on the frozen init for {train['steps']} steps, "
         f"then the base trained with the scorer frozen for {train['steps']} steps (as many base-training steps as "
         "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`). upper rows: "
-        "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change; the LM loss ranks "
-        "the units that changed), both losses at their default weights, in one phase; upper-two-phase rows: the "
-        "same scorer trained in two phases, as the two-phase rows are; upper-margin rows: the upper rows with "
+        "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change and is silent on "
+        "the others), both losses at their default weights, in one phase; upper-aux-only rows: the same without "
+        "the key bias (`key_bias=False`: no LM gradient reaches the scorer); upper-two-phase rows: the same scorer "
+        "trained in two phases, as the two-phase rows are; upper-margin rows: the upper rows with "
         "`logit_penalty_weight=0.1, logit_penalty_margin=6` (the logits held inside [-6, 6], where no score "
         "saturates), in one phase.",
     ]

@@ -84,14 +84,17 @@ ABLATIONS = (
 LM_PENALTY = (("aux_loss_weight", 0.0), ("logit_penalty_weight", 0.01))
 
 
-# The change as an upper bound of the score (`aux_loss="bce_upper"`): the aux loss pushes down what did not change,
-# the LM loss ranks what did. No logit penalty: with it (0.01) the distractor task fell to 53 / 58 (validation split,
+# The change as an upper bound of the score (`aux_loss="bce_upper"`): the aux loss pushes down what did not change
+# and is silent on what did. No logit penalty: with it (0.01) the distractor task fell to 53 / 58 (validation split,
 # seeds 0 / 1, base frozen), and so did a floor that held scores above 0.01 (76 / 77).
 UPPER = (("aux_loss", "bce_upper"),)
 
 # The same with its logits held inside [-6, 6] by the margin logit penalty, so that no score saturates (chosen on the
 # validation split, seeds 0 / 1, against weight 0.01 and margin 8; weight 1 was no better).
 UPPER_MARGIN = (*UPPER, ("logit_penalty_weight", 0.1), ("logit_penalty_margin", 6.0))
+
+# The upper rows' ablation: no soft key bias, so no LM gradient reaches the scorer (does the LM loss rank anything?).
+UPPER_AUX_ONLY = (*UPPER, ("key_bias", False))
 
 
 def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
@@ -123,6 +126,10 @@ def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
     ]
     if ablations:
         rows += [Row(f"{prefix}stts-50-{name}", "scorer", 0.5, task, options=options) for name, options in ABLATIONS]
+        rows += [
+            Row(f"{prefix}stts-{percent}-upper-aux-only", "scorer", percent / 100, task, options=UPPER_AUX_ONLY)
+            for percent in (50, 80)
+        ]
     return rows
 
 
