@@ -231,3 +231,12 @@ def test_bfloat16_runs_and_is_recorded(tmp_path: Path) -> None:
 def test_the_cuda_path_in_bfloat16(tmp_path: Path) -> None:
     data = run_quick(tmp_path, "--device", "cuda", "--dtype", "bfloat16")
     assert data["settings"]["device"] == "cuda" and "(host:" in data["settings"]["machine"]
+
+
+def test_the_serving_design_quotes_the_serving_estimate_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/serving.md's FLOP table is the output of `python -m benchmarks.serving_estimate`, as it is now."""
+    from benchmarks import serving_estimate
+
+    serving_estimate.main()
+    table = capsys.readouterr().out.strip()
+    assert table.count("\n") == 4 and table in (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
