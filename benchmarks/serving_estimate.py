@@ -19,6 +19,7 @@ def main() -> None:
     config = qwen2_5_vl_3b_config()
     rows = cols = 12  # 336 x 336 frames: 12 x 12 units per temporal slot of 2 frames
     text_tokens = 64
+    scorer_hidden = config.vision_config.intermediate_size  # the spec's default width
     print(
         "| frames | video tokens | STTS (pruned in the ViT) | pruned after the ViT | ViT share of the baseline "
         "| scorer share of the baseline |"
@@ -32,7 +33,6 @@ def main() -> None:
         half[torch.randperm(units - rows * cols)[:pruned] + rows * cols] = False  # the first slot is kept
         half = half.view_as(keep)
         base = qwen2_5_vl_flops(config, keep, units + text_tokens, prune_layer=3)
-        scorer_hidden = config.vision_config.intermediate_size
         stts = qwen2_5_vl_flops(config, half, units - pruned + text_tokens, prune_layer=3, scorer_hidden=scorer_hidden)
         after_vit = qwen2_5_vl_flops(config, keep, units - pruned + text_tokens, prune_layer=3)
         vit_share = 1 - (base.llm + base.llm_attention + base.lm_head) / base.forward()

@@ -98,7 +98,8 @@ UPPER_AUX_ONLY = (*UPPER, ("key_bias", False))
 
 
 def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
-    """Baseline, STTS, random, similarity and subsampling at 50% and 80% (and the STTS-50 ablations) of one task."""
+    """Baseline, STTS, random, similarity and subsampling at 50% and 80% of one task, STTS's training variants, and
+    with `ablations` the STTS-50 ablations and the upper rows' aux-only ablation."""
     rows = [Row(f"{prefix}baseline", "none", task=task)]
     for method, label in (
         ("scorer", "stts"),
