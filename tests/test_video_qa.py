@@ -112,8 +112,13 @@ def test_quick_mode_trains_models_that_learn_and_writes_every_output(tmp_path):
         assert scorer["aux_loss_last"] < scorer["aux_loss_first"]  # the scorer learned the temporal change
         assert scorer["saturated_fraction_last"] < 0.01 and scorer["scorer_grad_norm_last"] > 1e-4  # and still learns
         assert 0 < scorer["recall"] <= 100
+        # kept per kind: the answer's is the recall; the static task has no screens
+        kept = scorer["kept_by_kind"]
+        assert kept["answer"] == pytest.approx(scorer["recall"]) and kept["screen"] is None
+    assert runs["baseline", "frozen"]["kept_by_kind"] is None
 
     table = (tmp_path / "video_qa.md").read_text()
+    assert "| stts-50 | frozen | " in table.split("What the rows keep")[1]
     (tmp_path / "video_qa.md").unlink()
     main(["--render", "--out", str(tmp_path)])  # the table and plot come back from the JSON alone
     assert (tmp_path / "video_qa.md").read_text() == table
@@ -152,7 +157,7 @@ def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_l
     row = replace(row, options=(*row.options, ("logit_penalty_weight", weight)))
     model = train.build_model(row, "frozen", 0, init, settings)
     clips = data.clip_set("val", 4, data.TASKS["distractor"])
-    kinds = torch.stack([diagnose.unit_kinds(clip) for clip in clips])
+    kinds = torch.stack([data.unit_kinds(clip) for clip in clips])
     slots = kinds.shape[1]
     assert (kinds[:, 0] == -1).all()
     assert int((kinds == 0).sum()) == sum(int(clip.changed.sum()) for clip in clips)
@@ -169,8 +174,9 @@ def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_l
     assert result.pulls["lm"].abs().max() > 0 and result.pulls["aux"].abs().max() > 0
     summary = {row["kind"]: row for row in diagnose.summarise(result, kinds)}
     assert [row["units"] for row in summary.values()] == [int((kinds == k).sum()) for k in range(4)]
-    recall = evaluate(model, clips, row, settings)["recall"]
-    assert summary["answer"]["kept"] == pytest.approx(recall)
+    evaluated = evaluate(model, clips, row, settings)
+    assert summary["answer"]["kept"] == pytest.approx(evaluated["recall"])
+    assert evaluated["kept_by_kind"] == pytest.approx({kind: summary[kind]["kept"] for kind in data.KINDS})
     assert "| answer |" in diagnose.render(list(summary.values()))
 
     # A training-free rule is probed as evaluated; the change rule drops what stays as it was, squares in view too.

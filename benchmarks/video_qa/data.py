@@ -238,6 +238,21 @@ def unit_view(video: torch.Tensor) -> torch.Tensor:
     return video.reshape(frames // SLOT, SLOT, 3, height // CELL, CELL, width // CELL, CELL)
 
 
+# A unit the question's event changed; one where its square stays in view, unchanged (the answer's change shows once,
+# the square that tells its colour or place in every later slot); a distractor screen; the static background.
+KINDS = ("answer", "object", "screen", "static")
+
+
+def unit_kinds(clip: Clip) -> torch.Tensor:
+    """`(slots, units)` index into `KINDS` of every unit of `clip`; -1 on the first slot (always kept, no change)."""
+    kinds = torch.full_like(clip.changed, KINDS.index("static"), dtype=torch.long)
+    kinds[:, clip.screens] = KINDS.index("screen")
+    kinds[clip.objects] = KINDS.index("object")
+    kinds[clip.changed] = KINDS.index("answer")
+    kinds[0] = -1
+    return kinds
+
+
 def add_screens(video: torch.Tensor, cells: list[tuple[int, int]], generator: torch.Generator) -> None:
     """A new random picture (14 px blocks of any colour) in each of `cells` on every frame, in place."""
     frames = video.shape[0]

@@ -19,25 +19,11 @@ from typing import Any
 import torch
 
 from benchmarks.common import argument_parser
-from benchmarks.video_qa.data import INIT_OF_TASK, TASKS, Clip, clip_set
+from benchmarks.video_qa.data import INIT_OF_TASK, KINDS, TASKS, Clip, clip_set, unit_kinds
 from benchmarks.video_qa.jobs import Job, fine_tune
 from benchmarks.video_qa.main import CACHE
 from benchmarks.video_qa.rows import ROWS, Row, build_batch
 from benchmarks.video_qa.train import TrainSettings, pretrain
-
-# A unit the question's event changed; one where its square stays in view, unchanged (the answer's change shows once,
-# the square that tells its colour or place in every later slot); a distractor screen; the static background.
-KINDS = ("answer", "object", "screen", "static")
-
-
-def unit_kinds(clip: Clip) -> torch.Tensor:
-    """`(slots, units)` index into `KINDS` of every unit of `clip`; -1 on the first slot (always kept, no change)."""
-    kinds = torch.full_like(clip.changed, KINDS.index("static"), dtype=torch.long)
-    kinds[:, clip.screens] = KINDS.index("screen")
-    kinds[clip.objects] = KINDS.index("object")
-    kinds[clip.changed] = KINDS.index("answer")
-    kinds[0] = -1
-    return kinds
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.video_qa.data import QUESTION_TYPES, Clip, candidate_tokens
+from benchmarks.video_qa.data import KINDS, QUESTION_TYPES, Clip, candidate_tokens, unit_kinds
 from benchmarks.video_qa.rows import Row, build_batch, kept_slots
 from benchmarks.video_qa.train import TrainSettings
 
@@ -50,10 +50,12 @@ def subsampled_mask(clip: Clip, row: Row) -> torch.Tensor | None:
 
 
 def evaluate(model: torch.nn.Module, clips: Sequence[Clip], row: Row, train: TrainSettings) -> dict[str, Any]:
-    """Accuracy (overall and per question type), video tokens per clip, recall of the answer's changing units."""
+    """Accuracy (overall and per question type), video tokens per clip, recall of the answer's changing units, and
+    the % of each kind of unit (`KINDS`) kept (recall is the answer's)."""
     model.eval()
     correct: dict[str, list[bool]] = {q: [] for q in QUESTION_TYPES}
     tokens, hits, changed = [], 0, 0
+    kept_of_kind, units_of_kind = torch.zeros(len(KINDS)), torch.zeros(len(KINDS))
     for start in range(0, len(clips), train.eval_batch_size):
         chunk = clips[start : start + train.eval_batch_size]
         predictions = predict(model, chunk, row)
@@ -63,10 +65,16 @@ def evaluate(model: torch.nn.Module, clips: Sequence[Clip], row: Row, train: Tra
             if mask is not None:
                 hits += int((mask & clip.changed).sum())
                 changed += int(clip.changed.sum())
+                kinds = unit_kinds(clip)  # -1 on the first slot, which is always kept
+                kept_of_kind += torch.bincount(kinds[mask & (kinds >= 0)], minlength=len(KINDS))
+                units_of_kind += torch.bincount(kinds[kinds >= 0], minlength=len(KINDS))
     every = [c for per_type in correct.values() for c in per_type]
     return {
         "accuracy": 100 * statistics.mean(every),
         "accuracy_per_type": {q: 100 * statistics.mean(c) for q, c in correct.items() if c},
         "video_tokens": statistics.mean(tokens),
         "recall": 100 * hits / changed if changed else None,
+        "kept_by_kind": None
+        if not units_of_kind.any()
+        else {kind: 100 * float(k / n) if n else None for kind, k, n in zip(KINDS, kept_of_kind, units_of_kind)},
     }

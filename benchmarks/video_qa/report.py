@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import cpu_model, pyplot, render_report, save_figure, table_header, table_row, write_report
-from benchmarks.video_qa.data import TASKS
+from benchmarks.video_qa.data import KINDS, TASKS
 from benchmarks.video_qa.rows import REGIMES, ROWS
 from benchmarks.video_qa.train import TEXT_LAYERS, TEXT_WIDTH
 
@@ -40,7 +40,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = settings_lines(report)
     for task in TASKS:
         lines += task_table(task, by_key)
-    lines += health_table(report["summary"]) + claims_table(report["claims"])
+    lines += kept_table(report["summary"]) + health_table(report["summary"]) + claims_table(report["claims"])
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +119,25 @@ def task_table(task: str, by_key: dict[tuple[str, str], dict[str, Any]]) -> list
 def accuracy_cell(summary: dict[str, Any]) -> str:
     """`mean ± std` of a row's accuracy over seeds."""
     return f"{summary['accuracy_mean']:.1f} ± {summary['accuracy_std']:.1f}"
+
+
+def kept_table(summary: list[dict[str, Any]]) -> list[str]:
+    """What the rows keep, by kind of unit (`KINDS`), for the rows whose runs measured it (nothing if none did)."""
+    rows = [s for s in summary if s.get("kept_by_kind")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "What the rows keep (% of each kind of unit after the first temporal slot, means over seeds): the answer's "
+        "change (the recall column), the squares in view (units where a square the question's event drew stays, "
+        "unchanged since the previous slot: it still shows the answer's colour or place), the screens, the static "
+        "background.",
+        "",
+        *table_header("row", "regime", "answer's change", "squares in view", "screens", "static background"),
+    ]
+    return lines + [
+        table_row(s["name"], s["regime"], *(percent(s["kept_by_kind"][kind]) for kind in KINDS)) for s in rows
+    ]
 
 
 def health_table(summary: list[dict[str, Any]]) -> list[str]:

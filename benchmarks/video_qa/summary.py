@@ -17,6 +17,14 @@ def mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def kept_by_kind(runs: list[dict[str, Any]]) -> dict[str, float | None] | None:
+    """Mean over the runs that measured it (runs made before it was measured did not) of each kind's kept %."""
+    measured = [r["kept_by_kind"] for r in runs if r.get("kept_by_kind")]
+    if not measured:
+        return None
+    return {kind: mean_of(measured, kind) for kind in measured[0]}
+
+
 def summarize(results: list[dict[str, Any]], rows: Sequence[Row]) -> list[dict[str, Any]]:
     """Mean and std over seeds of every row in every regime it ran in."""
     summary = []
@@ -40,6 +48,7 @@ def summarize(results: list[dict[str, Any]], rows: Sequence[Row]) -> list[dict[s
                         key: mean_of(runs, key)
                         for key in ("recall", "saturated_fraction_last", "scorer_grad_norm_last", "aux_loss_last")
                     },
+                    "kept_by_kind": kept_by_kind(runs),
                 }
             )
     return summary
