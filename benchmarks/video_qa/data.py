@@ -221,21 +221,24 @@ EVENTS = (add_colour_event, add_direction_event, add_count_event, add_corner_eve
 def changed_units(clean: torch.Tensor) -> torch.Tensor:
     """`(slots, units)` bool: units whose pixels differ from the same unit one temporal slot earlier."""
     slots = unit_view(clean)
-    difference = (slots[1:] - slots[:-1]).abs().amax(dim=(1, 2, 4, 6))  # (slots - 1, rows, columns)
-    changed = torch.cat([torch.zeros_like(difference[:1]), difference]) > 1e-6
-    return changed.flatten(1)
+    changed = any_pixel_differs(slots[1:] - slots[:-1])  # (slots - 1, units)
+    return torch.cat([torch.zeros_like(changed[:1]), changed])
 
 
 def units_off_background(clean: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     """`(slots, units)` bool: units whose pixels differ from the static background in some frame of the slot."""
-    difference = unit_view(clean - background).abs().amax(dim=(1, 2, 4, 6))  # (slots, rows, columns)
-    return (difference > 1e-6).flatten(1)
+    return any_pixel_differs(unit_view(clean - background))
 
 
 def unit_view(video: torch.Tensor) -> torch.Tensor:
     """`(frames, 3, H, W)` -> `(slots, SLOT, 3, rows, CELL, columns, CELL)`: one unit per (slot, row, column)."""
     frames, _, height, width = video.shape
     return video.reshape(frames // SLOT, SLOT, 3, height // CELL, CELL, width // CELL, CELL)
+
+
+def any_pixel_differs(difference: torch.Tensor) -> torch.Tensor:
+    """A `unit_view`-shaped pixel difference -> `(slots, units)` bool: some pixel of the unit differs."""
+    return (difference.abs().amax(dim=(1, 2, 4, 6)) > 1e-6).flatten(1)
 
 
 # A unit the question's event changed; one where its square stays in view, unchanged (the answer's change shows once,
