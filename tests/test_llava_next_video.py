@@ -1,14 +1,14 @@
 """LLaVA-NeXT-Video specifics (tiny random config, CPU): a unit is one cell of the video resampler's 2x2 pooling, the
-CLS token (dropped before the connector) stays in the ViT, the pruned ViT equals the bare tower with the pruned keys
-masked, any-resolution images are never pruned. What every family must do is in test_conformance.py (case
-`LLAVA_NEXT_VIDEO`)."""
+CLS token (dropped before the connector) stays in the ViT, any-resolution images are never pruned. The pruned tower
+against the masked bare tower and the feature layers are in test_clip_video_towers.py (shared with Video-LLaVA);
+what every family must do is in test_conformance.py (case `LLAVA_NEXT_VIDEO`)."""
 
 import pytest
 import torch
 from transformers import LlavaNextVideoForConditionalGeneration
 from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoPooler
 
-from stts_adapter import STTSConfig, STTSInputError, apply_stts
+from stts_adapter import STTSConfig, apply_stts
 from stts_adapter.model_registry.llava_next_video import LlavaNextVideoEntry
 from stts_adapter.selection import VideoLayout
 from stts_adapter.testing import IMAGE_TOKEN, VIDEO_TOKEN, Sample, moving_square_video
@@ -17,7 +17,6 @@ from stts_adapter.testing.llava_next_video import (
     build_llava_next_video_batch,
     tiny_llava_next_video_config,
 )
-from stts_adapter.testing.video_llava import frame_key_bias, masked_tower_reference, projector_inputs
 
 PRUNE_LAYER = 1  # block 1 scored, block 2 biased, block 3 pruned and read (vision_feature_layer=-2), block 4 skipped
 SIDE = 4  # 56 px frames, patch 14: 4x4 patches + CLS = 17 ViT tokens, 2x2 pooled tokens (units) per frame
@@ -46,11 +45,6 @@ def video_samples(answers=False, image=False):
 
 def stts_of(model, **config):
     return apply_stts(model, STTSConfig(prune_layer=PRUNE_LAYER, **config))
-
-
-def cell_of_patch(side):
-    """`(side * side,)` the 2x2 cell of every patch, computed by hand (row-major cells of a row-major grid)."""
-    return torch.tensor([(r // 2) * (side // 2) + c // 2 for r in range(side) for c in range(side)])
 
 
 # --------------------------------------------------------------------------------------------- the unit
@@ -88,49 +82,6 @@ def test_the_llm_keeps_one_placeholder_per_kept_cell_and_no_cls(fresh, padding_s
         assert torch.equal(keep_tokens[row][placeholders], keep_mask.flatten())
         assert bool(keep_tokens[row][~placeholders & batch["attention_mask"][row].bool()].all())  # text stays
     assert sum(out.stts.units_after) < sum(out.stts.units_before)
-
-
-# --------------------------------------------------------------------------------------------- the ViT side
-@pytest.mark.parametrize("method", ["similarity", "scorer"])
-def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fresh, method):
-    """The resampler's output for kept cells is exactly the bare model's when blocks k+2.. cannot see the pruned
-    cells' patches (and block k+1's keys carry the scorer's bias): the CLS token takes part in every block."""
-    model = fresh()
-    batch = build_llava_next_video_batch(model.config, video_samples(), "left")
-    stts = stts_of(model, prune_ratio=0.5, method=method)
-    with torch.no_grad():
-        outputs = []
-        (pruned,) = projector_inputs(model, lambda: outputs.append(stts(**batch)))
-    report = outputs[0].stts
-    keep_units = torch.cat(report.keep_masks)  # (frames, 4)
-    cells = cell_of_patch(SIDE)
-    keep_token = torch.cat([torch.ones(len(keep_units), 1, dtype=torch.bool), keep_units[:, cells]], dim=1)
-    token_bias = None
-    if method == "scorer":
-        unit_bias = frame_key_bias(stts, report, patches_per_unit=4)
-        token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias[:, cells]], dim=1)
-    reference = masked_tower_reference(stts, batch, keep_token, token_bias)
-    assert reference.shape == (8, 4, 64)  # (frames, pooled tokens, vision width)
-    # The projector sees the kept cells only, in placeholder order.
-    assert pruned.shape == (int(keep_units.sum()), 64) and int(keep_units.sum()) < keep_units.numel()
-    torch.testing.assert_close(pruned, reference[keep_units], atol=1e-5, rtol=1e-5)
-    with stts.disable_stts(), torch.no_grad():
-        (bare,) = projector_inputs(model, lambda: model(**batch))
-    assert not torch.allclose(pruned, bare[keep_units], atol=1e-4)  # pruning did change the kept cells
-
-
-def test_several_feature_layers_and_a_call_that_asks_for_other_layers(fresh):
-    """Layers [-3, -1]: block 2 (= k+1, read before pruning) and block 4 (read after it, scattered back)."""
-    model = fresh(vision_feature_layer=[-3, -1])
-    batch = build_llava_next_video_batch(model.config, video_samples(answers=True), "right")
-    bare = model(**batch)
-    stts = stts_of(model, prune_ratio=0.0, method="random")
-    out = stts(**batch)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(out.logits[real], bare.logits[real], atol=1e-5, rtol=1e-5)
-    assert stts.architecture.capture_blocks(model) == (2, 4)
-    with pytest.raises(STTSInputError, match="vision_feature_layer"):
-        stts(**batch, vision_feature_layer=-2)
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -1,19 +1,17 @@
 """Video-LLaVA specifics (tiny random config, CPU): every frame's CLS token stays in the ViT and in the LLM, units are
-single patches, the pruned ViT equals the bare tower with the pruned keys masked, images (their own tower) are never
-pruned. What every family must do is in test_conformance.py (case `VIDEO_LLAVA`)."""
+single patches, images (their own tower) are never pruned. The pruned tower against the masked bare tower and the
+feature layers are in test_clip_video_towers.py (shared with LLaVA-NeXT-Video); what every family must do is in
+test_conformance.py (case `VIDEO_LLAVA`)."""
 
 import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
-from stts_adapter import STTSConfig, STTSInputError, apply_stts
+from stts_adapter import STTSConfig, apply_stts
 from stts_adapter.testing import IMAGE_TOKEN, VIDEO_TOKEN, Sample, moving_square_video
 from stts_adapter.testing.video_llava import (
     VIDEO_LLAVA,
     build_video_llava_batch,
-    frame_key_bias,
-    masked_tower_reference,
-    projector_inputs,
     tiny_video_llava_config,
 )
 
@@ -58,48 +56,6 @@ def test_every_frame_keeps_its_cls_placeholder_and_loses_exactly_its_pruned_patc
         assert torch.equal(per_frame[:, 1:], keep_mask)  # patch placeholders follow their units, in patch order
         assert bool(keep_tokens[row][~placeholders & batch["attention_mask"][row].bool()].all())  # text stays
     assert sum(out.stts.units_after) < sum(out.stts.units_before)
-
-
-# --------------------------------------------------------------------------------------------- the ViT side
-@pytest.mark.parametrize("method", ["similarity", "scorer"])
-def test_the_pruned_tower_equals_the_bare_tower_with_the_pruned_keys_masked(fresh, method):
-    """CLS and kept patches after pruning are exactly the bare model's when blocks k+2.. cannot see pruned patches
-    (and block k+1's keys carry the scorer's bias): CLS takes part in every block, pruned patches in none."""
-    model = fresh()
-    batch = build_video_llava_batch(model.config, video_samples(), "left")
-    stts = stts_of(model, prune_ratio=0.5, method=method)
-    with torch.no_grad():
-        outputs = []
-        (pruned,) = projector_inputs(model, lambda: outputs.append(stts(**batch)))
-    report = outputs[0].stts
-    keep_units = torch.cat(report.keep_masks)  # (frames, 16), independent of the entry's token bookkeeping
-    keep_token = torch.cat([torch.ones(len(keep_units), 1, dtype=torch.bool), keep_units], dim=1)
-    token_bias = None
-    if method == "scorer":
-        unit_bias = frame_key_bias(stts, report, patches_per_unit=1)
-        token_bias = torch.cat([torch.zeros(len(keep_units), 1), unit_bias.view(-1, 16)], dim=1)
-    reference = masked_tower_reference(stts, batch, keep_token, token_bias)
-    assert reference.shape == (8, 17, 64)
-    # The projector sees the kept tokens only (each frame's CLS and its kept patches), in placeholder order.
-    assert pruned.shape == (int(keep_token.sum()), 64) and int(keep_token.sum()) < keep_token.numel()
-    torch.testing.assert_close(pruned, reference[keep_token], atol=1e-5, rtol=1e-5)
-    with stts.disable_stts(), torch.no_grad():
-        (bare,) = projector_inputs(model, lambda: model(**batch))
-    assert not torch.allclose(pruned, bare[keep_token], atol=1e-4)  # pruning did change the kept tokens
-
-
-def test_several_feature_layers_and_a_call_that_asks_for_other_layers(fresh):
-    """Layers [-3, -1]: block 2 (= k+1, read before pruning) and block 4 (read after it, scattered back)."""
-    model = fresh(vision_feature_layer=[-3, -1])
-    batch = build_video_llava_batch(model.config, video_samples(answers=True), "right")
-    bare = model(**batch)
-    stts = stts_of(model, prune_ratio=0.0, method="random")
-    out = stts(**batch)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(out.logits[real], bare.logits[real], atol=1e-5, rtol=1e-5)
-    assert stts.architecture.capture_blocks(model) == (2, 4)
-    with pytest.raises(STTSInputError, match="vision_feature_layer"):
-        stts(**batch, vision_feature_layer=-2)
 
 
 # --------------------------------------------------------------------------------------------- images
