@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import huggingface_hub
 import numpy as np
@@ -368,6 +369,26 @@ def test_without_a_processor_the_batch_is_laid_out_and_the_output_says_how_to_us
     )  # fmt: skip
     assert status == 0
     assert "ships no processor" in out and "processor.save_pretrained" in out
+
+
+def test_a_processor_that_does_not_load_is_named_not_skipped_in_silence(model_with_processor_dir, tmp_path):
+    """No processor files: None, quietly (the layout builder's case). Processor files that fail to load: None too,
+    but with a warning that names the error, so the user knows their processor was not used."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_with_processor_dir("qwen2_5_vl"), folder)
+    assert load_processor(str(folder)) is not None
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=r"did not load \(JSONDecodeError.*family's own builder"):
+        assert load_processor(str(folder)) is None
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "config.json", bare / "config.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_processor(str(bare)) is None
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])

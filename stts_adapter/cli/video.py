@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,13 +170,21 @@ PROMPT = "Describe what happens in the video."
 
 def load_processor(name_or_path: str, revision: str | None = None) -> Any | None:
     """The checkpoint's own processor (`AutoProcessor`), or None when the folder or repo ships none (a model saved
-    without `processor.save_pretrained`)."""
+    without `processor.save_pretrained`). Processor files that are there but do not load give None too, with a
+    warning that names the error: the video is then laid out without them, which the user should know."""
     from transformers import AutoProcessor, ProcessorMixin
 
     hub = {"revision": revision} if revision else {}
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, **hub)
-    except (OSError, ValueError, KeyError, TypeError):  # no processor, tokenizer or image processor files
+    except OSError:  # transformers' "Can't load ...": no processor, tokenizer or image processor files
+        return None
+    except (ValueError, KeyError, TypeError) as error:  # files there, but unreadable or of an unknown class
+        warnings.warn(
+            f"The processor of {name_or_path!r} did not load ({type(error).__name__}: {error}); its videos are laid "
+            "out by the family's own builder instead. Fix or remove its processor files to use (or silence) them.",
+            stacklevel=2,
+        )
         return None
     return processor if isinstance(processor, ProcessorMixin) and hasattr(processor, "video_processor") else None
 
