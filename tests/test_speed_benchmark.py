@@ -209,6 +209,21 @@ def test_the_3b_family_has_qwen2_5_vl_3b_size() -> None:
     assert "qwen2_5_vl_3b" not in parse_args([]).family  # opt-in: far too big for the default CPU run
 
 
+def test_the_llava_onevision_7b_config_has_the_released_models_size() -> None:
+    """The serving estimate's LLaVA-OneVision-7B config: 8.03B parameters (llava-onevision-qwen2-7b-ov's size), 0.398B
+    in the SigLIP tower, 14 x 14 pooled tokens per 384 px frame. Built on the meta device."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from stts_adapter.testing.llava_onevision import llava_onevision_7b_config, llava_onevision_video_units
+
+    config = llava_onevision_7b_config()
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(8.03e9, rel=5e-3)
+    assert sum(p.numel() for p in model.model.vision_tower.parameters()) == pytest.approx(0.398e9, rel=5e-3)
+    assert llava_onevision_video_units(config) == 14 * 14
+
+
 def run_quick(tmp_path: Path, *extra: str) -> dict[str, Any]:
     """`python -m benchmarks.speed --quick --family qwen2_5_vl --no-memory --no-flop-check EXTRA`: its speed.json."""
     command = [sys.executable, "-m", "benchmarks.speed", "--quick", "--threads", "1", "--family", "qwen2_5_vl"]
@@ -234,9 +249,12 @@ def test_the_cuda_path_in_bfloat16(tmp_path: Path) -> None:
 
 
 def test_the_serving_design_quotes_the_serving_estimate_table(capsys: pytest.CaptureFixture[str]) -> None:
-    """docs/serving.md's FLOP table is the output of `python -m benchmarks.serving_estimate`, as it is now."""
+    """docs/serving.md's FLOP table and the README's table of the scorer's share at real shapes are the output of
+    `python -m benchmarks.serving_estimate`, as it is now."""
     from benchmarks import serving_estimate
 
     serving_estimate.main()
-    table = capsys.readouterr().out.strip()
-    assert table.count("\n") == 4 and table in (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    serving, scorer = capsys.readouterr().out.strip().split("\n\n")
+    root = Path(__file__).parents[1]
+    assert serving.count("\n") == 4 and serving in (root / "docs" / "serving.md").read_text()
+    assert scorer.count("\n") == 5 and scorer in (root / "README.md").read_text()

@@ -18,8 +18,6 @@ from transformers import (
 
 from benchmarks.speed.flops import FlopCount, llava_onevision_flops, qwen2_5_vl_flops
 from stts_adapter.testing import (
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
     Sample,
     build_qwen_batch,
     moving_square_video,
@@ -27,7 +25,7 @@ from stts_adapter.testing import (
     small_qwen2_5_vl_config,
     tiny_text_config,
 )
-from stts_adapter.testing.llava_onevision import build_llava_onevision_batch
+from stts_adapter.testing.llava_onevision import build_llava_onevision_batch, llava_onevision_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,25 +42,15 @@ def benchmark_llava_onevision_config(
         text_layers, text_width (`int`): LLM layers and width.
     """
     vision = dict(
-        model_type="siglip_vision_model",
         hidden_size=vision_width,
         intermediate_size=4 * vision_width,
         num_hidden_layers=vision_depth,
         num_attention_heads=4,
         image_size=size,
         patch_size=14,
-        vision_use_head=False,
     )
     text = tiny_text_config(text_width, text_layers, 2 * text_width, mrope=False, model_type="qwen2")
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN,
-        video_token_index=VIDEO_TOKEN,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[size, size]],
-    )
+    return llava_onevision_config(vision, text, image_grid_pinpoints=[[size, size]])
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,28 @@ from .common import IMAGE_TOKEN, VIDEO_TOKEN, FamilyCase, Sample, tiny_text_conf
 from .processors import tiny_tokenizer
 
 
+def llava_onevision_config(vision: dict[str, Any], text: dict[str, Any], **extra: Any):
+    """A LLaVA-OneVision config from its SigLIP tower's and its Qwen2 LLM's fields (no head on the tower), with the
+    tiny tokenizer's placeholder ids and every patch of the last block as the video features.
+
+    Args:
+        vision (`dict`): `SiglipVisionConfig` fields.
+        text (`dict`): `Qwen2Config` fields (`tiny_text_config(mrope=False, model_type="qwen2")` and overrides).
+        **extra: other `LlavaOnevisionConfig` fields (e.g. `image_grid_pinpoints`).
+    """
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
+        vision_config={"model_type": "siglip_vision_model", "vision_use_head": False, **vision},
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        **extra,
+    )
+
+
 def tiny_llava_onevision_config(image_size: int = 56, depth: int = 5, **vision_overrides):
     """LLaVA-OneVision with a 5-block, 64-wide SigLIP tower (`image_size` px, patch 14) and a 2-layer Qwen2 LLM.
 
@@ -20,28 +42,36 @@ def tiny_llava_onevision_config(image_size: int = 56, depth: int = 5, **vision_o
             3x3 units have 4, 2 or 1 patches (the bilinear pooling of an odd grid).
         depth (`int`): ViT blocks.
     """
-    from transformers import LlavaOnevisionConfig
-
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=depth,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=14,
-        vision_use_head=False,
-    )
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=depth, num_attention_heads=4)
+    vision.update(image_size=image_size, patch_size=14)
     vision.update(vision_overrides)
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=tiny_text_config(mrope=False, model_type="qwen2"),
-        image_token_index=IMAGE_TOKEN,
-        video_token_index=VIDEO_TOKEN,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[image_size, image_size]],
+    text = tiny_text_config(mrope=False, model_type="qwen2")
+    return llava_onevision_config(vision, text, image_grid_pinpoints=[[image_size, image_size]])
+
+
+def llava_onevision_7b_config():
+    """LLaVA-OneVision-Qwen2-7B's shapes (SigLIP 26 x 1152 with MLP 4304, 384 px frames: 27 x 27 patches pooled to
+    14 x 14 tokens; LLM Qwen2 28 x 3584 with 28 heads and 4 KV heads), for counting FLOPs at real size
+    (`python -m benchmarks.serving_estimate`). No weights are downloaded; the special tokens are the tiny tokenizer's.
+    """
+    vision = dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
     )
+    text = {
+        **tiny_text_config(mrope=False, model_type="qwen2"),  # the tiny tokenizer's special ids
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152128,
+    }
+    return llava_onevision_config(vision, text)
 
 
 def llava_onevision_video_units(config) -> int:
