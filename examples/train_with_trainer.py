@@ -254,6 +254,9 @@ def main() -> None:
     if args.summary_json:
         with open(args.summary_json.format(rank=rank), "w") as f:
             json.dump(summary, f, indent=1)
+    if torch.distributed.is_initialized():  # launched by torchrun / accelerate: leave together, tidily
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if main_process and not summary["reload_matches"]:
         raise SystemExit("The reloaded adapters do not reproduce the trained model.")
 
