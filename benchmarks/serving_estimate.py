@@ -24,8 +24,8 @@ def half_kept(slots: int, side: int) -> torch.Tensor:
     """`(slots, side, side)` bool: half of the units kept at random, the first slot whole (seeded)."""
     keep = torch.ones(slots * side * side, dtype=torch.bool)
     first = side * side
-    torch.manual_seed(0)
-    keep[torch.randperm(keep.numel() - first)[: keep.numel() // 2] + first] = False
+    order = torch.randperm(keep.numel() - first, generator=torch.Generator().manual_seed(0))
+    keep[order[: keep.numel() // 2] + first] = False
     return keep.view(slots, side, side)
 
 
