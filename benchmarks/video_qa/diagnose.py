@@ -153,13 +153,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--clips", type=int, default=32, help="clips probed, in one batch")
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the benchmark's)")
     parser.add_argument("--cache", default=CACHE, help="folder of the cached inits")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1, as the benchmark's workers run, reproduces their runs exactly (another thread count "
+        "sums in another order, and a run whose order comes from the growth of the logits' scale can end elsewhere)",
+    )
     args = parser.parse_args(argv)
     train = TrainSettings() if args.steps is None else replace(TrainSettings(), steps=args.steps)
     row = replace(ROWS[args.row], options=ROWS[args.row].options + tuple(args.options))
-    job = Job(args.row, args.regime, args.seed, pretrain(INIT_OF_TASK[row.task], train, args.cache))
-    model, curves = fine_tune(job, train, row)
-    clips = clip_set(args.split, args.clips, TASKS[row.task])
-    rows = summarise(probe(model, clips, row), torch.stack([unit_kinds(clip) for clip in clips]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        job = Job(args.row, args.regime, args.seed, pretrain(INIT_OF_TASK[row.task], train, args.cache))
+        model, curves = fine_tune(job, train, row)
+        clips = clip_set(args.split, args.clips, TASKS[row.task])
+        rows = summarise(probe(model, clips, row), torch.stack([unit_kinds(clip) for clip in clips]))
+    finally:
+        torch.set_num_threads(threads)
     print(f"{args.row} {args.regime} seed {args.seed}, options {dict(row.options)}, {args.split} split:")
     if curves.loss:
         print(f"loss {statistics.mean(curves.loss[:10]):.3f} -> {statistics.mean(curves.loss[-10:]):.3f}")
