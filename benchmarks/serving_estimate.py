@@ -38,7 +38,8 @@ def qwen_counts(frames: int) -> tuple[FlopCount, FlopCount, FlopCount]:
     """Qwen2.5-VL-3B on `frames` frames: (baseline, STTS at 50%, the same tokens pruned after the ViT)."""
     config = qwen2_5_vl_3b_config()
     keep = torch.ones(frames // 2, QWEN_UNITS, QWEN_UNITS, dtype=torch.bool)
-    units, kept = keep.numel(), keep.numel() - keep.numel() // 2
+    units = qwen_video_tokens(frames)  # == keep.numel()
+    kept = units - units // 2
     scorer_hidden = config.vision_config.intermediate_size  # the spec's default width
     base = qwen2_5_vl_flops(config, keep, units + TEXT_TOKENS, PRUNE_LAYER)
     stts = qwen2_5_vl_flops(config, half_kept(*keep.shape[:2]), kept + TEXT_TOKENS, PRUNE_LAYER, scorer_hidden)
@@ -59,28 +60,32 @@ def llava_onevision_counts(frames: int) -> tuple[FlopCount, FlopCount]:
     return base, stts
 
 
+def qwen_video_tokens(frames: int) -> int:
+    """Qwen2.5-VL-3B's video tokens for `frames` frames (one per unit of each temporal slot of 2 frames)."""
+    return frames // 2 * QWEN_UNITS**2
+
+
 def main() -> None:
     """Print both tables, a blank line between them."""
+    qwen = {frames: qwen_counts(frames) for frames in (32, 128, 256)}
     print(
         "| frames | video tokens | STTS (pruned in the ViT) | pruned after the ViT | ViT share of the baseline "
         "| scorer share of the baseline |"
     )
     print("|---|---|---|---|---|---|")
-    for frames in (32, 128, 256):
-        base, stts, after_vit = qwen_counts(frames)
-        units = frames // 2 * QWEN_UNITS**2
+    for frames, (base, stts, after_vit) in qwen.items():
         vit_share = 1 - (base.llm + base.llm_attention + base.lm_head) / base.forward()
         print(
-            f"| {frames} | {units} | {base.forward() / stts.forward():.2f}x | "
+            f"| {frames} | {qwen_video_tokens(frames)} | {base.forward() / stts.forward():.2f}x | "
             f"{base.forward() / after_vit.forward():.2f}x | {vit_share:.0%} | {scorer_share(stts, base):.2%} |"
         )
     print()
     print("| model (real shapes) | frames | video tokens | STTS FLOP speed-up at 50% | scorer share of the baseline |")
     print("|---|---|---|---|---|")
     for frames in (32, 128):
-        base, stts, _ = qwen_counts(frames)
+        base, stts, _ = qwen[frames]
         print(
-            f"| Qwen2.5-VL-3B | {frames} | {frames // 2 * QWEN_UNITS**2} | {base.forward() / stts.forward():.2f}x "
+            f"| Qwen2.5-VL-3B | {frames} | {qwen_video_tokens(frames)} | {base.forward() / stts.forward():.2f}x "
             f"| {scorer_share(stts, base):.2%} |"
         )
     for frames in (32, 128):

@@ -54,8 +54,9 @@ def evaluate(model: torch.nn.Module, clips: Sequence[Clip], row: Row, train: Tra
     the % of each kind of unit (`KINDS`) kept (recall is the answer's)."""
     model.eval()
     correct: dict[str, list[bool]] = {q: [] for q in QUESTION_TYPES}
-    tokens, hits, changed = [], 0, 0
-    kept_of_kind, units_of_kind = torch.zeros(len(KINDS)), torch.zeros(len(KINDS))
+    tokens = []
+    kept_of_kind = torch.zeros(len(KINDS), dtype=torch.long)
+    units_of_kind = torch.zeros(len(KINDS), dtype=torch.long)
     for start in range(0, len(clips), train.eval_batch_size):
         chunk = clips[start : start + train.eval_batch_size]
         predictions = predict(model, chunk, row)
@@ -63,18 +64,17 @@ def evaluate(model: torch.nn.Module, clips: Sequence[Clip], row: Row, train: Tra
         for clip, answer, mask in zip(chunk, predictions.answers, predictions.keep_masks):
             correct[QUESTION_TYPES[clip.question]].append(answer == clip.answer)
             if mask is not None:
-                hits += int((mask & clip.changed).sum())
-                changed += int(clip.changed.sum())
                 kinds = unit_kinds(clip)  # -1 on the first slot, which is always kept
                 kept_of_kind += torch.bincount(kinds[mask & (kinds >= 0)], minlength=len(KINDS))
                 units_of_kind += torch.bincount(kinds[kinds >= 0], minlength=len(KINDS))
     every = [c for per_type in correct.values() for c in per_type]
+    kept = None
+    if units_of_kind.any():
+        kept = {kind: 100 * int(k) / int(n) if n else None for kind, k, n in zip(KINDS, kept_of_kind, units_of_kind)}
     return {
         "accuracy": 100 * statistics.mean(every),
         "accuracy_per_type": {q: 100 * statistics.mean(c) for q, c in correct.items() if c},
         "video_tokens": statistics.mean(tokens),
-        "recall": 100 * hits / changed if changed else None,
-        "kept_by_kind": None
-        if not units_of_kind.any()
-        else {kind: 100 * float(k / n) if n else None for kind, k, n in zip(KINDS, kept_of_kind, units_of_kind)},
+        "recall": kept["answer"] if kept else None,  # the answer's units are the `changed` ones
+        "kept_by_kind": kept,
     }
