@@ -63,7 +63,8 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "frame (screens): they change more than the answer does, so at 50% a rule that keeps what changes most "
         "must drop some of the answer. The learned scorer's reason to exist.",
         "- **long** (test-time scaling): 32 frames, events on any frame, one-frame flashes. The baseline sees every "
-        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens.",
+        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens. "
+        "baseline-2x sees all 32 unpruned (twice the tokens): what the base makes of the frames STTS chooses from.",
         "",
         f"Model: Qwen2.5-VL (ViT 5x64, LLM {TEXT_LAYERS}x{TEXT_WIDTH}) trained unpruned from a random init on each "
         f"task's videos (the shared init: {train['pretrain_steps']} steps on static, also used for long, "

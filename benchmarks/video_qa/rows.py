@@ -140,6 +140,8 @@ ROWS = {
         *task_rows("static", "", ablations=False),
         *task_rows("distractor", "distractor-", ablations=True),
         Row("long-baseline", "none", task="long", frame_stride=2),
+        # Every frame, unpruned (2x the baseline's tokens): what the base makes of the frames STTS-2x chooses from.
+        Row("long-baseline-2x", "none", task="long"),
         Row("long-stts-50-2x", "scorer", 0.5, task="long"),
         Row("long-stts-50-2x-lm-penalty", "scorer", 0.5, task="long", options=LM_PENALTY),
         Row("long-stts-50-2x-two-phase", "scorer", 0.5, task="long", options=LM_PENALTY, two_phase=True),
