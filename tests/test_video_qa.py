@@ -3,7 +3,7 @@ write the outputs)."""
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmarks.video_qa import data, diagnose, rows, train
 from benchmarks.video_qa.evaluate import evaluate
-from benchmarks.video_qa.main import main
+from benchmarks.video_qa.main import earlier_runs, main, parse_args, settings_from
 
 
 def test_every_question_has_at_least_four_answers_so_chance_is_at_most_25_percent():
@@ -116,6 +116,9 @@ def test_quick_mode_trains_models_that_learn_and_writes_every_output(tmp_path):
         kept = scorer["kept_by_kind"]
         assert kept["answer"] == pytest.approx(scorer["recall"]) and kept["screen"] is None
     assert runs["baseline", "frozen"]["kept_by_kind"] is None
+    # the report names the init its runs start from, by the sha256 of its file
+    (init_file,) = cache.iterdir()
+    assert written["inits"] == {"static": train.file_sha256(str(init_file))}
 
     table = (tmp_path / "video_qa.md").read_text()
     assert "| stts-50 | frozen | " in table.split("What the rows keep")[1]
@@ -143,8 +146,38 @@ def test_the_init_is_cached_by_its_settings_and_reused(tmp_path, monkeypatch):
     other = train.init_path("static", train.TrainSettings(pretrain_steps=3, batch_size=2), str(tmp_path))
     assert other != path
     assert train.init_path("distractor", settings, str(tmp_path)) != path
+
+    def brighter_stream(*args):  # the generator's code changes: the cached init is stale even if no setting moved
+        for clip in data.clip_stream(*args):
+            yield replace(clip, video=clip.video * 0.5)
+
+    monkeypatch.setattr(train, "clip_stream", brighter_stream)
+    assert train.init_path("static", settings, str(tmp_path)) != path
+    monkeypatch.undo()
     model = train.build_model(rows.ROWS["baseline"], "frozen", 0, path, settings)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_merge_refuses_a_report_made_from_other_inits(tmp_path):
+    """--merge adds runs to a report only when they start from the very inits its runs did: the same settings give
+    another init under another torch or transformers version, and mixed inits would make the rows incomparable."""
+    args = parse_args(["--merge", "--rows", "baseline", "--out", str(tmp_path)])
+    settings, seeds, ours = settings_from(args), [0, 1, 2], {"static": "a" * 64}
+    report = {
+        "train": asdict(settings),
+        "eval_split": "test",
+        "quick": False,
+        "runs": [{"row": "baseline", "regime": "frozen", "seed": seed} for seed in seeds],
+        "inits": dict(ours),
+    }
+    (tmp_path / "video_qa.json").write_text(json.dumps(report))
+    assert earlier_runs(args, settings, seeds, ours)["inits"] == ours
+    with pytest.raises(SystemExit, match="other inits"):
+        earlier_runs(args, settings, seeds, {"static": "b" * 64})
+    del report["inits"]  # a report that did not record its inits cannot vouch for them
+    (tmp_path / "video_qa.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="other inits"):
+        earlier_runs(args, settings, seeds, ours)
 
 
 def test_diagnose_sorts_units_by_kind_and_measures_each_loss_terms_pull_on_the_logits(tmp_path):

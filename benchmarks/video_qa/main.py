@@ -16,7 +16,7 @@ from benchmarks.video_qa.jobs import Job, plan, run_all
 from benchmarks.video_qa.report import machine, render, write_outputs
 from benchmarks.video_qa.rows import QUICK_ROWS, REGIMES, ROWS
 from benchmarks.video_qa.summary import claims, summarize
-from benchmarks.video_qa.train import QUICK, TrainSettings, pretrain_all
+from benchmarks.video_qa.train import QUICK, TrainSettings, file_sha256, pretrain_all
 
 CACHE = "benchmarks/.cache"  # the cached inits (gitignored), from the repository's root
 
@@ -69,14 +69,25 @@ def settings_from(args: argparse.Namespace) -> TrainSettings:
     return replace(train, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def earlier_runs(args: argparse.Namespace, train: TrainSettings, seeds: Sequence[int]) -> dict[str, Any]:
-    """The report in `--out` that `--merge` adds to, refused unless it was made with the same settings."""
+def earlier_runs(
+    args: argparse.Namespace, train: TrainSettings, seeds: Sequence[int], inits: dict[str, str]
+) -> dict[str, Any]:
+    """The report in `--out` that `--merge` adds to, refused unless it was made with the same settings, seeds and
+    inits (`inits`: name -> sha256 of the inits this run uses)."""
     if not args.rows:
         raise SystemExit("--merge needs --rows: the rows to run again or to add.")
-    report = read_json(os.path.join(args.out, "video_qa.json"))
+    path = os.path.join(args.out, "video_qa.json")
+    report = read_json(path)
     same = (report["train"], report["eval_split"], report["quick"]) == (asdict(train), args.eval_split, args.quick)
     if not same or sorted({r["seed"] for r in report["runs"]}) != sorted(seeds):
-        raise SystemExit(f"--merge: {args.out}/video_qa.json was made with other settings, split or seeds.")
+        raise SystemExit(f"--merge: {path} was made with other settings, split or seeds.")
+    recorded = report.get("inits", {})
+    if any(recorded.get(name) != sha256 for name, sha256 in inits.items()):
+        raise SystemExit(
+            f"--merge: {path} was made from other inits (recorded sha256 {recorded or 'none'}, this run's "
+            f"{inits}): the same settings give another init under another torch or transformers version. Run the "
+            "whole table again (without --merge), or merge from the environment that made it."
+        )
     return report
 
 
@@ -114,7 +125,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     workers = max(1, args.jobs)
     inits = pretrain_all(sorted({INIT_OF_TASK[row.task] for row in rows}), train, args.cache, workers)
-    earlier = earlier_runs(args, train, seeds) if args.merge else {"runs": [], "seconds": 0.0}
+    init_hashes = {name: file_sha256(path) for name, path in inits.items()}
+    earlier = earlier_runs(args, train, seeds, init_hashes) if args.merge else {"runs": [], "seconds": 0.0}
     jobs = plan(rows, regimes, seeds, inits, args.out)
     results = merged(earlier["runs"], jobs, run_all(jobs, train, args.eval_split, workers))
     if args.merge:
@@ -128,6 +140,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": earlier["seconds"] + time.perf_counter() - started,
         "tasks": {task: asdict(video) for task, video in TASKS.items()},
         "train": asdict(train),
+        "inits": {**earlier.get("inits", {}), **init_hashes},  # sha256 of each init the runs start from
         "runs": results,
         "summary": summary,
         "claims": claims(summary),

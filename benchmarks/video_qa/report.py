@@ -7,6 +7,7 @@ import platform
 from typing import Any
 
 import torch
+import transformers
 
 from benchmarks.common import cpu_model, pyplot, render_report, save_figure, table_header, table_row, write_report
 from benchmarks.video_qa.data import KINDS, TASKS
@@ -15,9 +16,10 @@ from benchmarks.video_qa.train import TEXT_LAYERS, TEXT_WIDTH
 
 
 def machine() -> str:
-    """The CPU model, core count and torch version."""
+    """The CPU model, core count, torch and transformers versions."""
     return (
-        f"{cpu_model(platform.machine())} CPU ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
+        f"{cpu_model(platform.machine())} CPU ({platform.machine()}), {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
 
 
@@ -63,8 +65,7 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "frame (screens): they change more than the answer does, so at 50% a rule that keeps what changes most "
         "must drop some of the answer. The learned scorer's reason to exist.",
         "- **long** (test-time scaling): 32 frames, events on any frame, one-frame flashes. The baseline sees every "
-        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens. "
-        "baseline-2x sees all 32 unpruned (twice the tokens): what the base makes of the frames STTS chooses from.",
+        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens.",
         "",
         f"Model: Qwen2.5-VL (ViT 5x64, LLM {TEXT_LAYERS}x{TEXT_WIDTH}) trained unpruned from a random init on each "
         f"task's videos (the shared init: {train['pretrain_steps']} steps on static, also used for long, "

@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
+import transformers
 from safetensors.torch import load_model, save_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -164,9 +165,12 @@ def pretrain_steps_of(init: str, train: TrainSettings) -> int:
 
 
 def init_key(init: str, train: TrainSettings) -> str:
-    """What an init depends on, as a short hash: its videos, its training settings and the model's config."""
+    """What an init depends on, as a short hash: its videos (their settings, and the first clips the generator makes
+    of them, so that a change of the generator's code retrains it), its training settings, the model's config and
+    the library versions."""
     settings = {
         "video": asdict(TASKS[init]),
+        "clips": clips_fingerprint(clip_stream("pretrain", 0, TASKS[init]), train.batch_size),
         "steps": pretrain_steps_of(init, train),
         "lr": train.pretrain_lr,
         "batch_size": train.batch_size,
@@ -174,13 +178,33 @@ def init_key(init: str, train: TrainSettings) -> str:
         "weight_decay": train.weight_decay,
         "model": model_config().to_dict(),
         "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,  # its weight-init code draws the random start
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def clips_fingerprint(stream: Iterator[Clip], count: int) -> str:
+    """sha256 of the next `count` clips of `stream`: their pixels, questions and answers."""
+    digest = hashlib.sha256()
+    for _ in range(count):
+        clip = next(stream)
+        digest.update(clip.video.numpy().tobytes())
+        digest.update(f"{clip.question}/{clip.answer}".encode())
+    return digest.hexdigest()
 
 
 def init_path(init: str, train: TrainSettings, cache: str) -> str:
     """Where the init called `init` is cached under `cache` (its name holds its key)."""
     return os.path.join(cache, f"init-{init}-{init_key(init, train)}.safetensors")
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes (an init's fingerprint in the report: runs from different inits never mix)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def pretrain(init: str, train: TrainSettings, cache: str) -> str:
