@@ -86,6 +86,7 @@ class InternVLEntry(FrameBatchViTEntry):
     from image tiles by `pixel_values_video_index` (see the module docstring)."""
 
     name = "internvl"
+    placeholders_follow_units = False  # image tiles share the placeholder token
     model_types = ("internvl",)
     vision_blocks = "model.vision_tower.encoder.layer"
     video_pixels = "pixel_values"

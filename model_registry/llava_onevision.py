@@ -73,6 +73,7 @@ def project_kept_units(
 @register_architecture
 class LlavaOnevisionEntry(FrameBatchViTEntry):
     name = "llava_onevision"
+    placeholders_follow_units = False  # a newline token closes every video
     model_types = ("llava_onevision",)
     vision_blocks = "model.vision_tower.encoder.layers"
     video_pixels = "pixel_values_videos"

@@ -97,6 +97,7 @@ class SmolVLMLayout(VideoLayout):
 @register_architecture
 class SmolVLMEntry(FrameBatchViTEntry):
     name = "smolvlm"
+    placeholders_follow_units = False  # images share the placeholder token
     model_types = ("smolvlm",)
     vision_blocks = "model.vision_model.encoder.layers"
     video_pixels = "pixel_values"

@@ -124,6 +124,7 @@ class ClipVideoTowerEntry(FrameBatchViTEntry):
 @register_architecture
 class VideoLlavaEntry(ClipVideoTowerEntry):
     name = "video_llava"
+    placeholders_follow_units = False  # every frame's CLS placeholder comes first
     model_types = ("video_llava",)
     video_tower = "model.video_tower"
     vision_blocks = "model.video_tower.encoder.layers"

@@ -124,6 +124,18 @@ class STTSConfig:
             "the scorer is the soft key bias, which can only reorder the units within a frame."
         },
     )
+    llm_key_bias_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Ours, not in the paper: in training, add weight x (logit - logit.detach()), which is exactly 0, "
+            "to the attention of every LLM layer on the key side of each kept video token. The outputs do not change; "
+            "the LM loss reaches each kept unit's logit with how much it gains from attending more to the unit's "
+            "token. Unlike the soft key bias (block prune_layer + 1, per-frame rescaled, every unit present), this "
+            "signal compares units across frames and under the pruned set. 0: off (the paper). Needs a family with "
+            "one LLM placeholder per unit and an LLM attention that takes an additive mask (not flash attention). "
+            "With aux_loss_weight=0 and logit_penalty_weight=0.01 it is the README's lm-bias rows."
+        },
+    )
     bias_min: float = field(
         default=math.exp(-2),
         metadata={
@@ -226,6 +238,12 @@ class STTSConfig:
             _is_number(self.logit_penalty_margin) and self.logit_penalty_margin >= 0,
             "logit_penalty_margin",
             self.logit_penalty_margin,
+            "a number >= 0",
+        )
+        _check(
+            _is_number(self.llm_key_bias_weight) and self.llm_key_bias_weight >= 0,
+            "llm_key_bias_weight",
+            self.llm_key_bias_weight,
             "a number >= 0",
         )
         _check(

@@ -21,6 +21,7 @@ from .config import STTSConfig
 from .errors import STTSConfigError, STTSInputError
 from .io import load_adapter, push_adapter_to_hub, save_adapter
 from .layers import BaseLayerWrapper, STTSBlock, STTSConnector, STTSKeyBiasAttention, STTSMaskedAttention
+from .llm_bias import active_llm_key_bias, attach_llm_key_bias, llm_decoder_layers, llm_key_bias
 from .registry import ArchitectureEntry, VisionSpec, find_architecture, unwrap_peft
 from .report import STTSReport
 from .runtime import PruningSettings, VisionPruningPass
@@ -85,7 +86,9 @@ class STTSModel(nn.Module):
         self._report_hooks: OrderedDict[int, Callable[[STTSReport], None]] = OrderedDict()  # weakref-able
         self._warned_unmarked_videos = False
         self._mirror_forward_signature(model)
+        llm_layers = _llm_key_bias_layers(transformers_model, entry, config)  # checked before anything changes
         self._injected = _inject_wrappers(transformers_model, entry, config.prune_layer)
+        self._llm_bias_hooks = attach_llm_key_bias(llm_layers)
         if not (config.train_base_model or transformers_model is not model):  # a PeftModel keeps its own choice
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
@@ -226,8 +229,9 @@ class STTSModel(nn.Module):
         if not self._has_videos(kwargs):
             return _with_report(self._attach_scorer(self.base_model(**self._base_inputs(kwargs))), None)
         return_dict = kwargs.pop("return_dict", None)
-        model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
-        outputs = self.base_model(**model_inputs, return_dict=True)
+        model_inputs, report, llm_bias = self._prune_inputs(kwargs, default_padding_side="left")
+        with active_llm_key_bias(llm_bias):
+            outputs = self.base_model(**model_inputs, return_dict=True)
         if outputs.get("loss") is not None:
             report.lm_loss = outputs.loss
             scorer_loss = self._scorer_loss(report)
@@ -291,7 +295,7 @@ class STTSModel(nn.Module):
         if not self._prunes(kwargs):
             return self.base_model.generate(**self._base_inputs(kwargs))
         prompt = kwargs["input_ids"]
-        model_inputs, report = self._prune_inputs(kwargs, default_padding_side="left")
+        model_inputs, report, _ = self._prune_inputs(kwargs, default_padding_side="left")
         self._emit(report)
         pruned_length = model_inputs["input_ids"].shape[1]
         output = self.base_model.generate(**model_inputs)
@@ -327,8 +331,11 @@ class STTSModel(nn.Module):
             logits=None if vision_pass.logits is None else layout.split(vision_pass.logits.detach()),
         )
 
-    def _prune_inputs(self, inputs: dict[str, Any], default_padding_side: str) -> tuple[dict[str, Any], STTSReport]:
-        """Run the ViT with pruning, then cut the pruned units' placeholders out of every per-token input."""
+    def _prune_inputs(
+        self, inputs: dict[str, Any], default_padding_side: str
+    ) -> tuple[dict[str, Any], STTSReport, torch.Tensor | None]:
+        """Run the ViT with pruning, then cut the pruned units' placeholders out of every per-token input. Also
+        returns the LLM key bias of the pruned sequence (`llm_key_bias_weight`; None when it does not apply)."""
         entry, model = self.architecture, self.transformers_model
         input_ids = inputs.get("input_ids")
         if input_ids is None:
@@ -369,8 +376,26 @@ class STTSModel(nn.Module):
         model_inputs["position_ids"] = sequence.prune(positions, 0)
 
         kept_features = [f[k.to(f.device)] for f, k in zip(features, placeholder_keep)]
+        llm_bias = self._llm_key_bias(vision_pass, model_inputs["input_ids"])
         model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
-        return model_inputs, self._report(layout, vision_pass, sequence)
+        return model_inputs, self._report(layout, vision_pass, sequence), llm_bias
+
+    def _llm_key_bias(self, vision_pass: VisionPruningPass, pruned_ids: torch.Tensor) -> torch.Tensor | None:
+        """The LLM key bias of this call: in training, when the scorer's logits carry a gradient and units were
+        pruned (at prune ratio 0 nothing is pruned for it to teach)."""
+        weight = self.stts_config.llm_key_bias_weight
+        logits = vision_pass.logits
+        if not (weight > 0 and self.training and logits is not None and logits.requires_grad):
+            return None
+        if not self._llm_bias_hooks:
+            raise RuntimeError(
+                "llm_key_bias_weight was set after apply_stts: its LLM hooks are attached when the model is wrapped. "
+                "Wrap the base model again with the config that sets it."
+            )
+        if not vision_pass.prunes_units:
+            return None
+        placeholders = self.architecture.placeholder_mask(self.transformers_model, pruned_ids)
+        return llm_key_bias(logits, vision_pass.keep, placeholders, weight)
 
     def register_report_hook(self, hook: Callable[[STTSReport], None]) -> RemovableHandle:
         """Call `hook(report)` with the `STTSReport` of every call that prunes (e.g. to log the aux loss and the
@@ -411,6 +436,9 @@ class STTSModel(nn.Module):
         self._check_loaded()
         for parent, name, wrapper in reversed(self._injected):
             setattr(parent, name, wrapper.base_layer)
+        for handle in self._llm_bias_hooks:
+            handle.remove()
+        self._llm_bias_hooks = []
         for parameter, requires_grad in self._requires_grad_before:
             parameter.requires_grad_(requires_grad)
         self._injected = None
@@ -571,6 +599,23 @@ def _check_prune_layer(config: STTSConfig, spec: VisionSpec, last_read_block: in
             f"STTSConfig.prune_layer={config.prune_layer} is invalid for this model: {reason}, so prune_layer must "
             f"be between 0 and {last}."
         )
+
+
+def _llm_key_bias_layers(model: nn.Module, entry: ArchitectureEntry, config: STTSConfig) -> nn.ModuleList | None:
+    """The LLM layers to hook for `llm_key_bias_weight` (None when it is 0), or a clear error where it cannot work."""
+    if config.llm_key_bias_weight == 0:
+        return None
+    if config.method != "scorer":
+        raise STTSConfigError(
+            f"STTSConfig.llm_key_bias_weight trains the learned scorer; method={config.method!r} has none. Set "
+            "llm_key_bias_weight=0 or method='scorer'."
+        )
+    if not (entry.has_language_model and entry.placeholders_follow_units):
+        raise STTSConfigError(
+            f"STTSConfig.llm_key_bias_weight > 0 is not supported on {entry.name} yet: it needs an LLM with one video "
+            "placeholder per pruning unit, in unit order. Set llm_key_bias_weight=0."
+        )
+    return llm_decoder_layers(model)
 
 
 def _inject_wrappers(model: nn.Module, entry: ArchitectureEntry, prune_layer: int) -> list:

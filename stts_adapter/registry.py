@@ -76,6 +76,9 @@ class ArchitectureEntry:
         stts_only_inputs: keyword arguments that only STTS reads (e.g. a flag telling videos from images where the
             model's own inputs cannot); they never reach the base model.
         has_language_model: False for a ViT alone (see `stts_adapter.vit.VisionOnlyViTEntry`).
+        placeholders_follow_units: the LLM sees one video placeholder per unit, in layout order (the default
+            `video_placeholder_keep`); False where a family adds its own tokens (row newlines, a CLS): the LLM key
+            bias (`llm_key_bias_weight`) needs the one-to-one order.
     """
 
     name: ClassVar[str]
@@ -89,6 +92,7 @@ class ArchitectureEntry:
     placeholder_token: ClassVar[str] = "video_token_id"
     stts_only_inputs: ClassVar[tuple[str, ...]] = ()
     has_language_model: ClassVar[bool] = True
+    placeholders_follow_units: ClassVar[bool] = True
 
     # --------------------------------------------------------------------------------------------- recognition
     def matches(self, model: nn.Module) -> bool:

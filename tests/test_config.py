@@ -134,6 +134,7 @@ NON_DEFAULT = dict(
     logit_penalty_margin=6.0,
     key_bias=False,
     score_gate=True,
+    llm_key_bias_weight=0.5,
     scorer_input_norm=False,
     bias_min=0.2,
     keep_first_frame=False,

@@ -84,6 +84,12 @@ ABLATIONS = (
 LM_PENALTY = (("aux_loss_weight", 0.0), ("logit_penalty_weight", 0.01))
 
 
+# The lm-penalty scorer with a second LM path: the straight-through key bias on the kept video tokens in every LLM
+# layer (`llm_key_bias_weight`), which compares units across frames under the pruned set. Weight 1 over 0.3 on the
+# validation split (seeds 0 / 1, base frozen; README).
+LM_BIAS = (*LM_PENALTY, ("llm_key_bias_weight", 1.0))
+
+
 # The change as an upper bound of the score (`aux_loss="bce_upper"`): the aux loss pushes down what did not change
 # and is silent on what did. No logit penalty: with it (0.01) the distractor task fell to 53 / 58 (validation split,
 # seeds 0 / 1, base frozen), and so did a floor that held scores above 0.01 (76 / 77).
@@ -116,6 +122,13 @@ def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
         Row(f"{prefix}stts-{percent}-two-phase", "scorer", percent / 100, task, options=LM_PENALTY, two_phase=True)
         for percent in (50, 80)
     ]
+    rows += [
+        Row(f"{prefix}stts-{percent}-lm-bias", "scorer", percent / 100, task, options=LM_BIAS) for percent in (50, 80)
+    ]
+    rows += [
+        Row(f"{prefix}stts-{percent}-lm-bias-two-phase", "scorer", percent / 100, task, options=LM_BIAS, two_phase=True)
+        for percent in (50, 80)
+    ]
     rows += [Row(f"{prefix}stts-{percent}-upper", "scorer", percent / 100, task, options=UPPER) for percent in (50, 80)]
     rows += [
         Row(f"{prefix}stts-{percent}-upper-two-phase", "scorer", percent / 100, task, options=UPPER, two_phase=True)
@@ -145,6 +158,8 @@ ROWS = {
         Row("long-stts-50-2x", "scorer", 0.5, task="long"),
         Row("long-stts-50-2x-lm-penalty", "scorer", 0.5, task="long", options=LM_PENALTY),
         Row("long-stts-50-2x-two-phase", "scorer", 0.5, task="long", options=LM_PENALTY, two_phase=True),
+        Row("long-stts-50-2x-lm-bias", "scorer", 0.5, task="long", options=LM_BIAS),
+        Row("long-stts-50-2x-lm-bias-two-phase", "scorer", 0.5, task="long", options=LM_BIAS, two_phase=True),
         Row("long-stts-50-2x-upper", "scorer", 0.5, task="long", options=UPPER),
         Row("long-stts-50-2x-upper-two-phase", "scorer", 0.5, task="long", options=UPPER, two_phase=True),
         Row("long-stts-50-2x-upper-margin", "scorer", 0.5, task="long", options=UPPER_MARGIN),

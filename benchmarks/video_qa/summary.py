@@ -66,7 +66,7 @@ VARIANT_GOALS = (
 
 
 # The row-name suffixes of STTS's training variants.
-VARIANTS = ("lm-penalty", "two-phase", "upper", "upper-two-phase", "upper-margin")
+VARIANTS = ("lm-penalty", "two-phase", "lm-bias", "lm-bias-two-phase", "upper", "upper-two-phase", "upper-margin")
 
 
 def variant_claims(variant: str) -> list[tuple[str, str, str, float, bool]]:

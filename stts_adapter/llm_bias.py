@@ -1,0 +1,130 @@
+"""The LLM key bias (ours, `STTSConfig.llm_key_bias_weight`): a second path from the LM loss to the scorer.
+
+The paper's soft key bias sits in ViT block prune_layer + 1, where every unit is still present and each frame's scores
+are rescaled on their own: its gradient orders the units within a frame and says what a unit is worth next to all
+the others. This bias sits in every attention layer of the LLM, on the kept video tokens, and is worth exactly 0:
+`weight x (logit - logit.detach())`. The outputs do not change; the gradient brings to each kept unit's logit how much
+the LM loss gains from attending more to its token, compared across frames and under the pruned set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import STTSConfigError
+
+_ACTIVE_BIAS: ContextVar[torch.Tensor | None] = ContextVar("stts_llm_key_bias", default=None)
+
+
+def llm_key_bias(logits: torch.Tensor, keep: torch.Tensor, video_tokens: torch.Tensor, weight: float) -> torch.Tensor:
+    """The per-token key bias of the LLM's pruned sequence: `weight x (logit - logit.detach())` on each kept unit's
+    token (0 in value, the unit's logit in gradient), 0 elsewhere.
+
+    Args:
+        logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits, in layout order.
+        keep (`torch.Tensor` of shape `(num_units,)`, bool): the kept units.
+        video_tokens (`torch.Tensor` of shape `(batch, pruned_length)`, bool): the kept units' placeholders in the
+            pruned sequence, one per kept unit, in layout order (row after row).
+        weight (`float`): the gradient's scale.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, pruned_length)`, float32, all zeros in value.
+    """
+    kept_logits = logits.float()[keep]
+    if int(video_tokens.sum()) != kept_logits.numel():
+        raise RuntimeError(
+            f"The pruned sequence holds {int(video_tokens.sum())} video placeholders for {kept_logits.numel()} kept "
+            "units; the LLM key bias needs one placeholder per unit."
+        )
+    values = weight * (kept_logits - kept_logits.detach())
+    bias = torch.zeros(video_tokens.shape, dtype=values.dtype, device=values.device)
+    return bias.masked_scatter(video_tokens.to(values.device), values)
+
+
+@contextlib.contextmanager
+def active_llm_key_bias(bias: torch.Tensor | None) -> Iterator[None]:
+    """Within this context (this thread / task only) the hooked LLM layers add `bias` on the key side."""
+    token = _ACTIVE_BIAS.set(bias)
+    try:
+        yield
+    finally:
+        _ACTIVE_BIAS.reset(token)
+
+
+def llm_decoder_layers(transformers_model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a VLM's LLM, checked for the LLM key bias (nothing is hooked yet).
+
+    Args:
+        transformers_model (`nn.Module`): a transformers VLM (`get_decoder()` gives its LLM, whose `layers` are the
+            decoder layers).
+
+    Returns:
+        `nn.ModuleList`: the layers.
+
+    Raises:
+        `STTSConfigError`: the LLM runs flash attention (no additive mask) or has no `layers`.
+    """
+    attention = getattr(transformers_model.config, "_attn_implementation", None) or ""
+    if "flash" in attention:
+        raise STTSConfigError(
+            f"STTSConfig.llm_key_bias_weight > 0 needs an LLM attention that takes an additive mask; this model runs "
+            f"{attention!r}. Load it with attn_implementation='sdpa' (or 'eager') for training, or set "
+            "llm_key_bias_weight=0."
+        )
+    decoder = transformers_model.get_decoder() if hasattr(transformers_model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise STTSConfigError(
+            f"STTSConfig.llm_key_bias_weight > 0: cannot find the decoder layers of {type(transformers_model).__name__}"
+            "'s LLM (get_decoder().layers); set llm_key_bias_weight=0."
+        )
+    return layers
+
+
+def attach_llm_key_bias(layers: nn.ModuleList | None) -> list[RemovableHandle]:
+    """Hook every layer so that it adds the active bias (`active_llm_key_bias`) to its attention mask.
+
+    Args:
+        layers (`nn.ModuleList`, *optional*): `llm_decoder_layers`; None: nothing to hook.
+
+    Returns:
+        `list[RemovableHandle]`: one per layer; `.remove()` them to detach.
+    """
+    return [layer.register_forward_pre_hook(_add_active_bias, with_kwargs=True) for layer in layers or ()]
+
+
+def _add_active_bias(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    bias = _ACTIVE_BIAS.get()
+    if bias is None:
+        return None
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    kwargs["attention_mask"] = additive_mask(kwargs.get("attention_mask"), hidden_states) + bias[:, None, None, :].to(
+        hidden_states.dtype
+    )
+    return args, kwargs
+
+
+def additive_mask(mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's attention mask as an additive float mask of shape `(batch or 1, 1, queries, keys)`.
+
+    Args:
+        mask (`torch.Tensor`, *optional*): what the LLM hands its layers: None (causal, no padding: sdpa's
+            `is_causal` path), a boolean mask (True = attend) or an additive float mask, 4-D.
+        hidden_states (`torch.Tensor` of shape `(batch, length, hidden)`): the layer's input (length and dtype).
+
+    Returns:
+        `torch.Tensor`: 0 where a query attends to a key, the dtype's lowest value where it does not.
+    """
+    length, dtype, device = hidden_states.shape[1], hidden_states.dtype, hidden_states.device
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype)
