@@ -166,3 +166,26 @@ def test_the_llm_key_bias_is_refused_where_it_cannot_work(load):
     with pytest.raises(ValueError, match="llm_key_bias_weight"):
         STTSConfig(llm_key_bias_weight=-1.0)
     assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and hooks_on(model) == 0
+
+
+def test_the_llm_key_bias_gives_the_same_gradients_under_activation_checkpointing(load):
+    """The hooks run at the layer's call, outside its checkpoint: the recomputed layer sees the same biased mask."""
+    model = load()
+    batch = padded_batch(model.config)
+    stts = wrapped(model, WEIGHT, aux_loss_weight=0.0, key_bias=False)
+
+    def gradients():
+        stts.zero_grad()
+        stts(**batch).loss.backward()
+        return torch.cat([p.grad.flatten() for p in stts.scorer.parameters()])
+
+    plain = gradients()
+    layer = model.get_decoder().layers[0]
+    calls = []
+    handle = layer.mlp.register_forward_pre_hook(lambda module, args: calls.append(1))  # inside the checkpoint
+    stts.activation_checkpointing_enable()
+    checkpointed = gradients()
+    handle.remove()
+    assert len(calls) == 2  # the layer ran again in the backward pass: checkpointing was on
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(checkpointed, plain, atol=1e-7, rtol=1e-4)
