@@ -86,14 +86,13 @@ class InternVLEntry(FrameBatchViTEntry):
     from image tiles by `pixel_values_video_index` (see the module docstring)."""
 
     name = "internvl"
-    placeholders_follow_units = False  # image tiles share the placeholder token
     model_types = ("internvl",)
     vision_blocks = "model.vision_tower.encoder.layer"
     video_pixels = "pixel_values"
     # The frames share `pixel_values` with the image tiles; `encode_videos` encodes both, so both keys are consumed.
     video_inputs = ("pixel_values", PIXEL_VIDEO_INDEX)
     stts_only_inputs = (PIXEL_VIDEO_INDEX,)
-    placeholder_token = "image_token_id"  # frames and tiles alike; `video_placeholder_keep` keeps the tiles' ones
+    placeholder_token = "image_token_id"  # frames and tiles alike; `video_placeholder_units` says which are frames'
     mask_argument = None  # the layers take the hidden states only ...
     mask_attention = "attention"  # ... and their self-attention takes the mask
 
@@ -243,14 +242,13 @@ class InternVLEntry(FrameBatchViTEntry):
         return [apply_to_kept(core.multi_modal_projector, features, keep)]  # the connector sees kept units only
 
     # ------------------------------------------------------------------------------------------------ the LLM
-    def video_placeholder_keep(self, layout: InternVLLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
-        """One tensor over every `image_token_id` placeholder of the batch, in fill order: image tiles' always stay,
-        video frames' follow their units."""
-        units = layout.units_per_frame[0]
-        is_video = layout.is_video_row.to(keep_units.device)
-        keep = torch.ones(len(is_video), units, dtype=torch.bool, device=keep_units.device)
-        keep[is_video] = keep_units.view(-1, units)
-        return [keep.flatten()]
+    def video_placeholder_units(self, layout: InternVLLayout) -> list[torch.Tensor]:
+        """One tensor over every `image_token_id` placeholder of the batch, in fill order: image tiles' show no unit
+        (they always stay), video frames' show their units."""
+        per_row = layout.units_per_frame[0]
+        units = torch.full((len(layout.is_video_row), per_row), -1, dtype=torch.long)
+        units[layout.is_video_row.cpu()] = torch.arange(layout.num_units).view(-1, per_row)
+        return [units.flatten()]
 
     def language_model_inputs(
         self, model: nn.Module, inputs: dict[str, Any], video_features: list[torch.Tensor]

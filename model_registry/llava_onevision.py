@@ -73,7 +73,6 @@ def project_kept_units(
 @register_architecture
 class LlavaOnevisionEntry(FrameBatchViTEntry):
     name = "llava_onevision"
-    placeholders_follow_units = False  # a newline token closes every video
     model_types = ("llava_onevision",)
     vision_blocks = "model.vision_tower.encoder.layers"
     video_pixels = "pixel_values_videos"
@@ -124,9 +123,9 @@ class LlavaOnevisionEntry(FrameBatchViTEntry):
         newline = core.image_newline[None, :].to(features)
         return [torch.cat([video, newline]) for video in features]
 
-    def video_placeholder_keep(self, layout: VideoLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
-        newline = keep_units.new_ones(1)
-        return [torch.cat([keep, newline]) for keep in keep_units.split(list(layout.units_per_video))]
+    def video_placeholder_units(self, layout: VideoLayout) -> list[torch.Tensor]:
+        newline = torch.full((1,), -1, dtype=torch.long)  # shows no unit: it always stays
+        return [torch.cat([units, newline]) for units in super().video_placeholder_units(layout)]
 
     def video_encoder_output(self, video_features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
         return BaseModelOutputWithPooling(pooler_output=torch.cat(video_features)[None])  # flattened by the model

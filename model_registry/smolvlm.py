@@ -97,7 +97,6 @@ class SmolVLMLayout(VideoLayout):
 @register_architecture
 class SmolVLMEntry(FrameBatchViTEntry):
     name = "smolvlm"
-    placeholders_follow_units = False  # images share the placeholder token
     model_types = ("smolvlm",)
     vision_blocks = "model.vision_model.encoder.layers"
     video_pixels = "pixel_values"
@@ -224,12 +223,12 @@ class SmolVLMEntry(FrameBatchViTEntry):
         return [row.flatten(0, 1) for row in features.split(list(layout.images_per_row))]
 
     # ------------------------------------------------------------------------------------------------ the LLM
-    def video_placeholder_keep(self, layout: SmolVLMLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
-        """Per row of `pixel_values` (videos and still images alike, in placeholder order), which of its placeholders
-        stay: a video's kept units, every placeholder of a still image."""
-        videos = iter(keep_units.split(list(layout.units_per_video)))
+    def video_placeholder_units(self, layout: SmolVLMLayout) -> list[torch.Tensor]:
+        """Per row of `pixel_values` (videos and still images alike, in placeholder order), the unit each placeholder
+        shows: a video's units, none for a still image's (they always stay)."""
+        videos = iter(super().video_placeholder_units(layout))
         return [
-            next(videos) if video else keep_units.new_ones(n * layout.tokens_per_image)
+            next(videos) if video else torch.full((n * layout.tokens_per_image,), -1, dtype=torch.long)
             for video, n in zip(layout.row_is_video, layout.images_per_row)
         ]
 
@@ -240,7 +239,7 @@ class SmolVLMEntry(FrameBatchViTEntry):
 
         SmolVLM reads every vision feature, video frame or still image, from `mm_encoder_outputs["image"]` and
         scatters them into the `image_token_id` placeholders in order, so `video_features` holds one tensor per row of
-        `pixel_values` (see `video_placeholder_keep`), still images included.
+        `pixel_values` (see `video_placeholder_units`), still images included.
         """
         inputs = dict(inputs)
         features = BaseModelOutputWithPooling(pooler_output=torch.cat(video_features))

@@ -124,7 +124,6 @@ class ClipVideoTowerEntry(FrameBatchViTEntry):
 @register_architecture
 class VideoLlavaEntry(ClipVideoTowerEntry):
     name = "video_llava"
-    placeholders_follow_units = False  # every frame's CLS placeholder comes first
     model_types = ("video_llava",)
     video_tower = "model.video_tower"
     vision_blocks = "model.video_tower.encoder.layers"
@@ -144,13 +143,13 @@ class VideoLlavaEntry(ClipVideoTowerEntry):
         selected = self.selected_video_features(model, inputs, vision_pass)
         return self.project_kept(model.model.multi_modal_projector, selected, vision_pass)
 
-    def video_placeholder_keep(self, layout: VideoLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
-        keep = []
-        for video_keep, frames in zip(keep_units.split(list(layout.units_per_video)), layout.frames_per_video):
-            per_frame = video_keep.view(frames, -1)
-            cls = per_frame.new_ones(frames, self.num_prefix_tokens)  # every frame's CLS placeholder stays
-            keep.append(torch.cat([cls, per_frame], dim=1).flatten())
-        return keep
+    def video_placeholder_units(self, layout: VideoLayout) -> list[torch.Tensor]:
+        units = []
+        for video_units, frames in zip(super().video_placeholder_units(layout), layout.frames_per_video):
+            per_frame = video_units.view(frames, -1)
+            cls = per_frame.new_full((frames, self.num_prefix_tokens), -1)  # every frame's CLS placeholder stays
+            units.append(torch.cat([cls, per_frame], dim=1).flatten())
+        return units
 
     def language_model_inputs(
         self, model: nn.Module, inputs: dict[str, Any], video_features: list[torch.Tensor]

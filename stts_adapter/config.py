@@ -131,8 +131,8 @@ class STTSConfig:
             "to the attention of every LLM layer on the key side of each kept video token. The outputs do not change; "
             "the LM loss reaches each kept unit's logit with how much it gains from attending more to the unit's "
             "token. Unlike the soft key bias (block prune_layer + 1, per-frame rescaled, every unit present), this "
-            "signal compares units across frames and under the pruned set. 0: off (the paper). Needs a family with "
-            "one LLM placeholder per unit and an LLM attention that takes an additive mask (not flash attention). "
+            "signal compares units across frames and under the pruned set. 0: off (the paper). Needs an LLM "
+            "attention that takes an additive mask (not flash attention). "
             "With aux_loss_weight=0 and logit_penalty_weight=0.01 it is the README's lm-bias rows."
         },
     )

@@ -23,29 +23,34 @@ from .errors import STTSConfigError
 _ACTIVE_BIAS: ContextVar[torch.Tensor | None] = ContextVar("stts_llm_key_bias", default=None)
 
 
-def llm_key_bias(logits: torch.Tensor, keep: torch.Tensor, video_tokens: torch.Tensor, weight: float) -> torch.Tensor:
-    """The per-token key bias of the LLM's pruned sequence: `weight x (logit - logit.detach())` on each kept unit's
-    token (0 in value, the unit's logit in gradient), 0 elsewhere.
+def llm_key_bias(
+    logits: torch.Tensor, placeholder_units: torch.Tensor, placeholders: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """The per-token key bias of the LLM's pruned sequence: `weight x (logit - logit.detach())` on the placeholder of
+    each kept unit (0 in value, the unit's logit in gradient), 0 elsewhere.
 
     Args:
         logits (`torch.Tensor` of shape `(num_units,)`): the scorer's logits, in layout order.
-        keep (`torch.Tensor` of shape `(num_units,)`, bool): the kept units.
-        video_tokens (`torch.Tensor` of shape `(batch, pruned_length)`, bool): the kept units' placeholders in the
-            pruned sequence, one per kept unit, in layout order (row after row).
+        placeholder_units (`torch.Tensor` of shape `(kept_placeholders,)`, long): the unit each placeholder left in
+            the pruned sequence shows, in sequence order (row after row), -1 for those that show none (a newline, a
+            CLS, an image tile).
+        placeholders (`torch.Tensor` of shape `(batch, pruned_length)`, bool): where those placeholders are.
         weight (`float`): the gradient's scale.
 
     Returns:
         `torch.Tensor` of shape `(batch, pruned_length)`, float32, all zeros in value.
     """
-    kept_logits = logits.float()[keep]
-    if int(video_tokens.sum()) != kept_logits.numel():
+    if int(placeholders.sum()) != placeholder_units.numel():
         raise RuntimeError(
-            f"The pruned sequence holds {int(video_tokens.sum())} video placeholders for {kept_logits.numel()} kept "
-            "units; the LLM key bias needs one placeholder per unit."
+            f"The pruned sequence holds {int(placeholders.sum())} placeholders where the pruning left "
+            f"{placeholder_units.numel()}."
         )
-    values = weight * (kept_logits - kept_logits.detach())
-    bias = torch.zeros(video_tokens.shape, dtype=values.dtype, device=values.device)
-    return bias.masked_scatter(video_tokens.to(values.device), values)
+    logits = logits.float()
+    shows_unit = placeholder_units >= 0
+    unit_logits = logits[placeholder_units.clamp(min=0)]
+    values = torch.where(shows_unit, weight * (unit_logits - unit_logits.detach()), torch.zeros_like(unit_logits))
+    bias = torch.zeros(placeholders.shape, dtype=values.dtype, device=values.device)
+    return bias.masked_scatter(placeholders.to(values.device), values)
 
 
 @contextlib.contextmanager

@@ -376,11 +376,13 @@ class STTSModel(nn.Module):
         model_inputs["position_ids"] = sequence.prune(positions, 0)
 
         kept_features = [f[k.to(f.device)] for f, k in zip(features, placeholder_keep)]
-        llm_bias = self._llm_key_bias(vision_pass, model_inputs["input_ids"])
+        llm_bias = self._llm_key_bias(vision_pass, placeholder_keep, model_inputs["input_ids"])
         model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
         return model_inputs, self._report(layout, vision_pass, sequence), llm_bias
 
-    def _llm_key_bias(self, vision_pass: VisionPruningPass, pruned_ids: torch.Tensor) -> torch.Tensor | None:
+    def _llm_key_bias(
+        self, vision_pass: VisionPruningPass, placeholder_keep: list[torch.Tensor], pruned_ids: torch.Tensor
+    ) -> torch.Tensor | None:
         """The LLM key bias of this call: in training, when the scorer's logits carry a gradient and units were
         pruned (at prune ratio 0 nothing is pruned for it to teach)."""
         weight = self.stts_config.llm_key_bias_weight
@@ -394,8 +396,11 @@ class STTSModel(nn.Module):
             )
         if not vision_pass.prunes_units:
             return None
-        placeholders = self.architecture.placeholder_mask(self.transformers_model, pruned_ids)
-        return llm_key_bias(logits, vision_pass.keep, placeholders, weight)
+        entry = self.architecture
+        units = torch.cat(entry.video_placeholder_units(vision_pass.layout)).to(logits.device)
+        kept_placeholder_units = units[torch.cat(placeholder_keep).to(logits.device)]  # in sequence order
+        placeholders = entry.placeholder_mask(self.transformers_model, pruned_ids)
+        return llm_key_bias(logits, kept_placeholder_units, placeholders, weight)
 
     def register_report_hook(self, hook: Callable[[STTSReport], None]) -> RemovableHandle:
         """Call `hook(report)` with the `STTSReport` of every call that prunes (e.g. to log the aux loss and the
@@ -610,10 +615,10 @@ def _llm_key_bias_layers(model: nn.Module, entry: ArchitectureEntry, config: STT
             f"STTSConfig.llm_key_bias_weight trains the learned scorer; method={config.method!r} has none. Set "
             "llm_key_bias_weight=0 or method='scorer'."
         )
-    if not (entry.has_language_model and entry.placeholders_follow_units):
+    if not entry.has_language_model:
         raise STTSConfigError(
-            f"STTSConfig.llm_key_bias_weight > 0 is not supported on {entry.name} yet: it needs an LLM with one video "
-            "placeholder per pruning unit, in unit order. Set llm_key_bias_weight=0."
+            f"STTSConfig.llm_key_bias_weight trains the scorer through an LLM; {entry.name} has none. Set "
+            "llm_key_bias_weight=0."
         )
     return llm_decoder_layers(model)
 

@@ -76,9 +76,6 @@ class ArchitectureEntry:
         stts_only_inputs: keyword arguments that only STTS reads (e.g. a flag telling videos from images where the
             model's own inputs cannot); they never reach the base model.
         has_language_model: False for a ViT alone (see `stts_adapter.vit.VisionOnlyViTEntry`).
-        placeholders_follow_units: the LLM sees one video placeholder per unit, in layout order (the default
-            `video_placeholder_keep`); False where a family adds its own tokens (row newlines, a CLS): the LLM key
-            bias (`llm_key_bias_weight`) needs the one-to-one order.
     """
 
     name: ClassVar[str]
@@ -92,7 +89,6 @@ class ArchitectureEntry:
     placeholder_token: ClassVar[str] = "video_token_id"
     stts_only_inputs: ClassVar[tuple[str, ...]] = ()
     has_language_model: ClassVar[bool] = True
-    placeholders_follow_units: ClassVar[bool] = True
 
     # --------------------------------------------------------------------------------------------- recognition
     def matches(self, model: nn.Module) -> bool:
@@ -190,9 +186,20 @@ class ArchitectureEntry:
         """
         raise NotImplementedError
 
+    def video_placeholder_units(self, layout: VideoLayout) -> list[torch.Tensor]:
+        """Per group of placeholders, in their order in the batch (a video, by default), the unit each placeholder
+        shows: its index in the layout, or -1 for a placeholder that shows no unit (a frame's CLS, a newline, an image
+        tile sharing the token), which is never pruned. Default: one placeholder per unit, in layout order.
+
+        Returns:
+            `list[torch.Tensor]`: long tensors, one per group.
+        """
+        return list(torch.arange(layout.num_units).split(list(layout.units_per_video)))
+
     def video_placeholder_keep(self, layout: VideoLayout, keep_units: torch.Tensor) -> list[torch.Tensor]:
-        """Per video, which of its placeholders stay. Default: one placeholder per unit, in layout order."""
-        return list(keep_units.split(list(layout.units_per_video)))
+        """Per group of placeholders (`video_placeholder_units`), which stay: a unit's placeholder follows its unit,
+        the others always stay."""
+        return [_placeholder_keep(units, keep_units) for units in self.video_placeholder_units(layout)]
 
     def biased_block_inputs(self, vision_pass: VisionPruningPass, args: tuple, kwargs: dict, token_bias: torch.Tensor):
         """*family* The arguments of block prune_layer + 1 with the key bias (one value per ViT token) added."""
@@ -366,3 +373,12 @@ def find_architecture(model: nn.Module) -> ArchitectureEntry:
         f"{', '.join(supported_architectures())}. To add one, subclass stts_adapter.registry.ArchitectureEntry and "
         "register it with stts_adapter.register_architecture (see 'Adding an architecture' in the README)."
     )
+
+
+def _placeholder_keep(units: torch.Tensor, keep_units: torch.Tensor) -> torch.Tensor:
+    """`(placeholders,)` bool: the keep of the unit each placeholder shows, True for those that show none."""
+    units = units.to(keep_units.device)
+    keep = torch.ones(units.shape, dtype=torch.bool, device=keep_units.device)
+    shows_unit = units >= 0
+    keep[shows_unit] = keep_units[units[shows_unit]]
+    return keep

@@ -8,15 +8,16 @@ Oracles: the same model without the option (outputs), central differences of the
 import types
 
 import pytest
+import timm
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 import stts_adapter.model
 from stts_adapter import STTSConfig, apply_stts
 from stts_adapter.errors import STTSConfigError
+from stts_adapter.layers import BaseLayerWrapper
 from stts_adapter.llm_bias import active_llm_key_bias, attach_llm_key_bias, llm_decoder_layers
 from stts_adapter.testing import Sample, build_qwen_batch, moving_square_video
-from stts_adapter.testing.llava_onevision import tiny_llava_onevision_config
 
 WEIGHT = 0.3
 
@@ -94,15 +95,15 @@ def test_the_scorer_gets_weight_times_the_derivative_of_a_real_key_bias_on_each_
     # The same call with a real bias (a leaf of zeros) in place of the straight-through one: its gradient.
     leaves = {}
 
-    def leaf_bias(logits, keep, video_tokens, weight):
-        leaves["bias"] = torch.zeros(video_tokens.shape, requires_grad=True)
-        leaves["video_tokens"] = video_tokens
+    def leaf_bias(logits, placeholder_units, placeholders, weight):
+        leaves["bias"] = torch.zeros(placeholders.shape, requires_grad=True)
+        leaves["placeholders"] = placeholders
         return leaves["bias"]
 
     monkeypatch.setattr(stts_adapter.model, "llm_key_bias", leaf_bias)
     stts.zero_grad()
     stts(**batch).loss.backward()
-    bias_grad = leaves["bias"].grad[leaves["video_tokens"]]  # row after row: the kept units' order
+    bias_grad = leaves["bias"].grad[leaves["placeholders"]]  # row after row: the kept units' order
     torch.testing.assert_close(logit_grad[keep], WEIGHT * bias_grad)
 
 
@@ -152,11 +153,10 @@ def test_unload_removes_the_llm_hooks(load):
 
 
 def test_the_llm_key_bias_is_refused_where_it_cannot_work(load):
-    torch.manual_seed(0)
-    llava = LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config())
-    with pytest.raises(STTSConfigError, match="one video placeholder per pruning unit"):
-        apply_stts(llava, STTSConfig(prune_ratio=0.5, prune_layer=1, llm_key_bias_weight=WEIGHT))
-    assert hooks_on(llava) == 0  # nothing half-changed
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4)
+    with pytest.raises(STTSConfigError, match="has none"):
+        apply_stts(vit, STTSConfig(prune_ratio=0.5, prune_layer=1, llm_key_bias_weight=WEIGHT))
+    assert not any(isinstance(m, BaseLayerWrapper) for m in vit.modules())  # nothing half-changed
     model = load()
     with pytest.raises(STTSConfigError, match="learned scorer"):
         apply_stts(model, STTSConfig(prune_ratio=0.5, method="similarity", llm_key_bias_weight=WEIGHT))
