@@ -66,7 +66,17 @@ VARIANT_GOALS = (
 
 
 # The row-name suffixes of STTS's training variants.
-VARIANTS = ("lm-penalty", "two-phase", "lm-bias", "lm-bias-two-phase", "upper", "upper-two-phase", "upper-margin")
+VARIANTS = (
+    "lm-penalty",
+    "two-phase",
+    "lm-bias",
+    "lm-bias-two-phase",
+    "upper",
+    "upper-two-phase",
+    "upper-margin",
+    "upper-lm-bias",
+    "upper-lm-bias-two-phase",
+)
 
 
 def variant_claims(variant: str) -> list[tuple[str, str, str, float, bool]]:
