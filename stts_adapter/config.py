@@ -222,30 +222,9 @@ class STTSConfig:
         )
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(self.aux_loss in AUX_LOSSES, "aux_loss", self.aux_loss, f"one of {AUX_LOSSES}")
-        _check(
-            _is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0,
-            "aux_loss_weight",
-            self.aux_loss_weight,
-            "a number >= 0",
-        )
-        _check(
-            _is_number(self.logit_penalty_weight) and self.logit_penalty_weight >= 0,
-            "logit_penalty_weight",
-            self.logit_penalty_weight,
-            "a number >= 0",
-        )
-        _check(
-            _is_number(self.logit_penalty_margin) and self.logit_penalty_margin >= 0,
-            "logit_penalty_margin",
-            self.logit_penalty_margin,
-            "a number >= 0",
-        )
-        _check(
-            _is_number(self.llm_key_bias_weight) and self.llm_key_bias_weight >= 0,
-            "llm_key_bias_weight",
-            self.llm_key_bias_weight,
-            "a number >= 0",
-        )
+        for name in ("aux_loss_weight", "logit_penalty_weight", "logit_penalty_margin", "llm_key_bias_weight"):
+            value = getattr(self, name)
+            _check(_is_number(value) and value >= 0, name, value, "a number >= 0")
         _check(
             _is_number(self.bias_min) and MIN_BIAS_MIN <= self.bias_min <= 1,
             "bias_min",

@@ -20,7 +20,23 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import STTSConfigError
 
-_ACTIVE_BIAS: ContextVar[torch.Tensor | None] = ContextVar("stts_llm_key_bias", default=None)
+_ACTIVE_BIAS: ContextVar[_ActiveBias | None] = ContextVar("stts_llm_key_bias", default=None)
+
+
+class _ActiveBias:
+    """The bias of one call and the biased masks built from it. Every layer (of one attention type) gets the same
+    mask from the LLM, so each is built once per call, not once per layer."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias  # (batch, length)
+        self._masks: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def biased_mask(self, mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+        key = (id(mask), hidden_states.shape[1], hidden_states.dtype)
+        if key not in self._masks:  # the mask is kept with its result: its id cannot be reused meanwhile
+            biased = additive_mask(mask, hidden_states) + self.bias[:, None, None, :].to(hidden_states.dtype)
+            self._masks[key] = (mask, biased)
+        return self._masks[key][1]
 
 
 def llm_key_bias(
@@ -56,7 +72,7 @@ def llm_key_bias(
 @contextlib.contextmanager
 def active_llm_key_bias(bias: torch.Tensor | None) -> Iterator[None]:
     """Within this context (this thread / task only) the hooked LLM layers add `bias` on the key side."""
-    token = _ACTIVE_BIAS.set(bias)
+    token = _ACTIVE_BIAS.set(None if bias is None else _ActiveBias(bias))
     try:
         yield
     finally:
@@ -106,13 +122,11 @@ def attach_llm_key_bias(layers: nn.ModuleList | None) -> list[RemovableHandle]:
 
 
 def _add_active_bias(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-    bias = _ACTIVE_BIAS.get()
-    if bias is None:
+    active = _ACTIVE_BIAS.get()
+    if active is None:
         return None
     hidden_states = args[0] if args else kwargs["hidden_states"]
-    kwargs["attention_mask"] = additive_mask(kwargs.get("attention_mask"), hidden_states) + bias[:, None, None, :].to(
-        hidden_states.dtype
-    )
+    kwargs["attention_mask"] = active.biased_mask(kwargs.get("attention_mask"), hidden_states)
     return args, kwargs
 
 

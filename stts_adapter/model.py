@@ -346,7 +346,8 @@ class STTSModel(nn.Module):
         entry.validate_inputs(model, inputs)
         layout = entry.video_layout(model, inputs)
         placeholder_mask = entry.placeholder_mask(model, input_ids)
-        expected = sum(len(k) for k in entry.video_placeholder_keep(layout, torch.ones(layout.num_units, dtype=bool)))
+        placeholder_units = entry.video_placeholder_units(layout)
+        expected = sum(len(units) for units in placeholder_units)
         if int(placeholder_mask.sum()) != expected:
             raise STTSInputError(
                 f"The batch holds {int(placeholder_mask.sum())} video placeholder tokens but its videos need "
@@ -376,12 +377,16 @@ class STTSModel(nn.Module):
         model_inputs["position_ids"] = sequence.prune(positions, 0)
 
         kept_features = [f[k.to(f.device)] for f, k in zip(features, placeholder_keep)]
-        llm_bias = self._llm_key_bias(vision_pass, placeholder_keep, model_inputs["input_ids"])
+        llm_bias = self._llm_key_bias(vision_pass, placeholder_units, placeholder_keep, model_inputs["input_ids"])
         model_inputs = entry.language_model_inputs(model, model_inputs, kept_features)
         return model_inputs, self._report(layout, vision_pass, sequence), llm_bias
 
     def _llm_key_bias(
-        self, vision_pass: VisionPruningPass, placeholder_keep: list[torch.Tensor], pruned_ids: torch.Tensor
+        self,
+        vision_pass: VisionPruningPass,
+        placeholder_units: list[torch.Tensor],
+        placeholder_keep: list[torch.Tensor],
+        pruned_ids: torch.Tensor,
     ) -> torch.Tensor | None:
         """The LLM key bias of this call: in training, when the scorer's logits carry a gradient and units were
         pruned (at prune ratio 0 nothing is pruned for it to teach)."""
@@ -396,10 +401,9 @@ class STTSModel(nn.Module):
             )
         if not vision_pass.prunes_units:
             return None
-        entry = self.architecture
-        units = torch.cat(entry.video_placeholder_units(vision_pass.layout)).to(logits.device)
+        units = torch.cat(placeholder_units).to(logits.device)
         kept_placeholder_units = units[torch.cat(placeholder_keep).to(logits.device)]  # in sequence order
-        placeholders = entry.placeholder_mask(self.transformers_model, pruned_ids)
+        placeholders = self.architecture.placeholder_mask(self.transformers_model, pruned_ids)
         return llm_key_bias(logits, kept_placeholder_units, placeholders, weight)
 
     def register_report_hook(self, hook: Callable[[STTSReport], None]) -> RemovableHandle:

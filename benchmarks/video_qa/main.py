@@ -85,8 +85,8 @@ def earlier_runs(
     if any(recorded.get(name) != sha256 for name, sha256 in inits.items()):
         raise SystemExit(
             f"--merge: {path} was made from other inits (recorded sha256 {recorded or 'none'}, this run's "
-            f"{inits}): the same settings give another init under another torch or transformers version. Run the "
-            "whole table again (without --merge), or merge from the environment that made it."
+            f"{inits}): the same settings give another init on another CPU or under another torch or transformers "
+            "version. Run the whole table again (without --merge), or merge from the environment that made it."
         )
     return report
 

@@ -103,6 +103,19 @@ UPPER_MARGIN = (*UPPER, ("logit_penalty_weight", 0.1), ("logit_penalty_margin", 
 # (validation split, seeds 0-3, base frozen: the best of the scorers measured there; README).
 UPPER_LM_BIAS = (*UPPER, ("llm_key_bias_weight", 1.0))
 
+# STTS's training variants: (row-name suffix, `STTSConfig` options, trained in two phases), in the tables' order.
+TRAINING_VARIANTS = (
+    ("lm-penalty", LM_PENALTY, False),
+    ("two-phase", LM_PENALTY, True),
+    ("lm-bias", LM_BIAS, False),
+    ("lm-bias-two-phase", LM_BIAS, True),
+    ("upper", UPPER, False),
+    ("upper-two-phase", UPPER, True),
+    ("upper-margin", UPPER_MARGIN, False),
+    ("upper-lm-bias", UPPER_LM_BIAS, False),
+    ("upper-lm-bias-two-phase", UPPER_LM_BIAS, True),
+)
+
 # The upper rows' ablation: no soft key bias, so no LM gradient reaches the scorer (does the LM loss rank anything?).
 UPPER_AUX_ONLY = (*UPPER, ("key_bias", False))
 
@@ -119,42 +132,8 @@ def task_rows(task: str, prefix: str, ablations: bool) -> list[Row]:
     ):
         rows += [Row(f"{prefix}{label}-{percent}", method, percent / 100, task) for percent in (50, 80)]
     rows += [
-        Row(f"{prefix}stts-{percent}-lm-penalty", "scorer", percent / 100, task, options=LM_PENALTY)
-        for percent in (50, 80)
-    ]
-    rows += [
-        Row(f"{prefix}stts-{percent}-two-phase", "scorer", percent / 100, task, options=LM_PENALTY, two_phase=True)
-        for percent in (50, 80)
-    ]
-    rows += [
-        Row(f"{prefix}stts-{percent}-lm-bias", "scorer", percent / 100, task, options=LM_BIAS) for percent in (50, 80)
-    ]
-    rows += [
-        Row(f"{prefix}stts-{percent}-lm-bias-two-phase", "scorer", percent / 100, task, options=LM_BIAS, two_phase=True)
-        for percent in (50, 80)
-    ]
-    rows += [Row(f"{prefix}stts-{percent}-upper", "scorer", percent / 100, task, options=UPPER) for percent in (50, 80)]
-    rows += [
-        Row(f"{prefix}stts-{percent}-upper-two-phase", "scorer", percent / 100, task, options=UPPER, two_phase=True)
-        for percent in (50, 80)
-    ]
-    rows += [
-        Row(f"{prefix}stts-{percent}-upper-margin", "scorer", percent / 100, task, options=UPPER_MARGIN)
-        for percent in (50, 80)
-    ]
-    rows += [
-        Row(f"{prefix}stts-{percent}-upper-lm-bias", "scorer", percent / 100, task, options=UPPER_LM_BIAS)
-        for percent in (50, 80)
-    ]
-    rows += [
-        Row(
-            f"{prefix}stts-{percent}-upper-lm-bias-two-phase",
-            "scorer",
-            percent / 100,
-            task,
-            options=UPPER_LM_BIAS,
-            two_phase=True,
-        )
+        Row(f"{prefix}stts-{percent}-{suffix}", "scorer", percent / 100, task, options=options, two_phase=two_phase)
+        for suffix, options, two_phase in TRAINING_VARIANTS
         for percent in (50, 80)
     ]
     if ablations:
@@ -175,21 +154,9 @@ ROWS = {
         # Every frame, unpruned (2x the baseline's tokens): what the base makes of the frames STTS-2x chooses from.
         Row("long-baseline-2x", "none", task="long"),
         Row("long-stts-50-2x", "scorer", 0.5, task="long"),
-        Row("long-stts-50-2x-lm-penalty", "scorer", 0.5, task="long", options=LM_PENALTY),
-        Row("long-stts-50-2x-two-phase", "scorer", 0.5, task="long", options=LM_PENALTY, two_phase=True),
-        Row("long-stts-50-2x-lm-bias", "scorer", 0.5, task="long", options=LM_BIAS),
-        Row("long-stts-50-2x-lm-bias-two-phase", "scorer", 0.5, task="long", options=LM_BIAS, two_phase=True),
-        Row("long-stts-50-2x-upper", "scorer", 0.5, task="long", options=UPPER),
-        Row("long-stts-50-2x-upper-two-phase", "scorer", 0.5, task="long", options=UPPER, two_phase=True),
-        Row("long-stts-50-2x-upper-margin", "scorer", 0.5, task="long", options=UPPER_MARGIN),
-        Row("long-stts-50-2x-upper-lm-bias", "scorer", 0.5, task="long", options=UPPER_LM_BIAS),
-        Row(
-            "long-stts-50-2x-upper-lm-bias-two-phase",
-            "scorer",
-            0.5,
-            task="long",
-            options=UPPER_LM_BIAS,
-            two_phase=True,
+        *(
+            Row(f"long-stts-50-2x-{suffix}", "scorer", 0.5, task="long", options=options, two_phase=two_phase)
+            for suffix, options, two_phase in TRAINING_VARIANTS
         ),
     )
 }

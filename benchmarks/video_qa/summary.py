@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from benchmarks.video_qa.rows import REGIMES, Row
+from benchmarks.video_qa.rows import REGIMES, TRAINING_VARIANTS, Row
 
 
 def mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -66,17 +66,7 @@ VARIANT_GOALS = (
 
 
 # The row-name suffixes of STTS's training variants.
-VARIANTS = (
-    "lm-penalty",
-    "two-phase",
-    "lm-bias",
-    "lm-bias-two-phase",
-    "upper",
-    "upper-two-phase",
-    "upper-margin",
-    "upper-lm-bias",
-    "upper-lm-bias-two-phase",
-)
+VARIANTS = tuple(suffix for suffix, _, _ in TRAINING_VARIANTS)
 
 
 def variant_claims(variant: str) -> list[tuple[str, str, str, float, bool]]:
