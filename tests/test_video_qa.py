@@ -13,6 +13,7 @@ from PIL import Image
 from benchmarks.video_qa import data, diagnose, rows, train
 from benchmarks.video_qa.evaluate import evaluate
 from benchmarks.video_qa.main import earlier_runs, main, parse_args, settings_from
+from benchmarks.video_qa.report import machine
 
 
 def test_every_question_has_at_least_four_answers_so_chance_is_at_most_25_percent():
@@ -169,11 +170,17 @@ def test_merge_refuses_a_report_made_from_other_inits(tmp_path):
         "quick": False,
         "runs": [{"row": "baseline", "regime": "frozen", "seed": seed} for seed in seeds],
         "inits": dict(ours),
+        "machine": machine(),
     }
     (tmp_path / "video_qa.json").write_text(json.dumps(report))
     assert earlier_runs(args, settings, seeds, ours)["inits"] == ours
     with pytest.raises(SystemExit, match="other inits"):
         earlier_runs(args, settings, seeds, {"static": "b" * 64})
+    # A task the report has no runs of yet brings an init it has not recorded: the same machine vouches for it.
+    assert earlier_runs(args, settings, seeds, {**ours, "distractor": "c" * 64})
+    (tmp_path / "video_qa.json").write_text(json.dumps({**report, "machine": "another CPU"}))
+    with pytest.raises(SystemExit, match="was made on another CPU"):
+        earlier_runs(args, settings, seeds, {**ours, "distractor": "c" * 64})
     del report["inits"]  # a report that did not record its inits cannot vouch for them
     (tmp_path / "video_qa.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="other inits"):

@@ -81,12 +81,18 @@ def earlier_runs(
     same = (report["train"], report["eval_split"], report["quick"]) == (asdict(train), args.eval_split, args.quick)
     if not same or sorted({r["seed"] for r in report["runs"]}) != sorted(seeds):
         raise SystemExit(f"--merge: {path} was made with other settings, split or seeds.")
-    recorded = report.get("inits", {})
-    if any(recorded.get(name) != sha256 for name, sha256 in inits.items()):
+    recorded = report.get("inits")
+    if recorded is None or any(recorded.get(name, sha256) != sha256 for name, sha256 in inits.items()):
         raise SystemExit(
             f"--merge: {path} was made from other inits (recorded sha256 {recorded or 'none'}, this run's "
             f"{inits}): the same settings give another init on another CPU or under another torch or transformers "
             "version. Run the whole table again (without --merge), or merge from the environment that made it."
+        )
+    if report["machine"] != machine():
+        # An init the report has no runs from yet (a new task) is checked by the machine alone.
+        raise SystemExit(
+            f"--merge: {path} was made on {report['machine']}, this is {machine()}: an init pretrained here may "
+            "differ from one pretrained there. Run the whole table again here (without --merge), or merge there."
         )
     return report
 
