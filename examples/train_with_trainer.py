@@ -78,6 +78,12 @@ def parse_args() -> argparse.Namespace:
         help="STTSConfig.aux_loss; bce_upper for scenes whose content changes without mattering (README)",
     )
     parser.add_argument(
+        "--llm-key-bias-weight",
+        type=float,
+        default=0.0,
+        help="STTSConfig.llm_key_bias_weight: an LM path that compares the kept units across frames (README)",
+    )
+    parser.add_argument(
         "--scorer-first-steps",
         type=int,
         default=0,
@@ -163,7 +169,12 @@ def build_model(args: argparse.Namespace) -> STTSModel:
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
     peft_model = get_peft_model(load_base_model(args), lora)
     torch.manual_seed(args.seed + 1)  # the scorer's initialisation
-    stts = STTSConfig(prune_ratio=args.prune_ratio, prune_layer=SIZES[args.size]["prune_layer"], aux_loss=args.aux_loss)
+    stts = STTSConfig(
+        prune_ratio=args.prune_ratio,
+        prune_layer=SIZES[args.size]["prune_layer"],
+        aux_loss=args.aux_loss,
+        llm_key_bias_weight=args.llm_key_bias_weight,
+    )
     return apply_stts(peft_model, stts)
 
 

@@ -38,13 +38,14 @@ def run_trainer_example(output: Path, *arguments: str) -> dict:
     return json.loads((output / "summary.json").read_text())
 
 
-def test_the_trainer_example_runs_the_two_phase_bce_upper_recipe(tmp_path):
-    """`--aux-loss bce_upper --scorer-first-steps 2`: the saved adapter says bce_upper; before the switch only the
-    scorer trains (1 and 2 steps: same LoRA, other scorer), after it only LoRA (2 and 4 steps: same scorer, other
-    LoRA)."""
-    recipe = ("--aux-loss", "bce_upper", "--scorer-first-steps", "2")
+def test_the_trainer_example_runs_the_two_phase_bce_upper_llm_bias_recipe(tmp_path):
+    """`--aux-loss bce_upper --llm-key-bias-weight 1 --scorer-first-steps 2` (README's recipe for a trained base):
+    the saved adapter says so; before the switch only the scorer trains (1 and 2 steps: same LoRA, other scorer),
+    after it only LoRA (2 and 4 steps: same scorer, other LoRA)."""
+    recipe = ("--aux-loss", "bce_upper", "--llm-key-bias-weight", "1", "--scorer-first-steps", "2")
     one, two, four = (run_trainer_example(tmp_path / str(n), *recipe, "--max-steps", str(n)) for n in (1, 2, 4))
-    assert json.loads((tmp_path / "4" / "stts" / "stts_config.json").read_text())["aux_loss"] == "bce_upper"
+    saved = json.loads((tmp_path / "4" / "stts" / "stts_config.json").read_text())
+    assert (saved["aux_loss"], saved["llm_key_bias_weight"]) == ("bce_upper", 1.0)
     assert [run["global_step"] for run in (one, two, four)] == [1, 2, 4]
     assert one["lora_checksum"] == two["lora_checksum"] and one["scorer_checksum"] != two["scorer_checksum"]
     assert two["scorer_checksum"] == four["scorer_checksum"] and two["lora_checksum"] != four["lora_checksum"]

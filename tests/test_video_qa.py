@@ -128,9 +128,19 @@ def test_quick_mode_trains_models_that_learn_and_writes_every_output(tmp_path):
     assert (tmp_path / "video_qa.md").read_text() == table
     assert "| baseline | 72.0 |" in table and "| stts-50 | 36.0 |" in table
     assert "STTS-50% within 1 point of the baseline" in table and "cores" in table
+    # the glance table: the static 50% column holds each regime's means; rows that did not run show "-"
+    for regime in ("frozen", "trained"):
+        stts, baseline = (report_row(report, name, regime)["accuracy_mean"] for name in ("stts-50", "baseline"))
+        assert f"| {regime} | STTS, default | {stts:.1f} | - | - | - | - |" in table
+        assert f"| {regime} | unpruned baseline | {baseline:.1f} | {baseline:.1f} | - | - | - |" in table
     for picture in ("video_qa.png", "kept_units.png"):
         with Image.open(tmp_path / picture) as image:
             assert image.format == "PNG" and min(image.size) > 100
+
+
+def report_row(report: dict, name: str, regime: str) -> dict:
+    """The summary of one row in one regime."""
+    return next(s for s in report["summary"] if (s["name"], s["regime"]) == (name, regime))
 
 
 def test_the_init_is_cached_by_its_settings_and_reused(tmp_path, monkeypatch):

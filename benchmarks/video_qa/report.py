@@ -11,7 +11,7 @@ import transformers
 
 from benchmarks.common import cpu_model, pyplot, render_report, save_figure, table_header, table_row, write_report
 from benchmarks.video_qa.data import KINDS, TASKS
-from benchmarks.video_qa.rows import REGIMES, ROWS
+from benchmarks.video_qa.rows import REGIMES, ROWS, TRAINING_VARIANTS
 from benchmarks.video_qa.train import TEXT_LAYERS, TEXT_WIDTH
 
 
@@ -40,6 +40,7 @@ def markdown(report: dict[str, Any]) -> str:
     """
     by_key = {(s["name"], s["regime"]): s for s in report["summary"]}
     lines = settings_lines(report)
+    lines += glance_table(by_key)
     for task in TASKS:
         lines += task_table(task, by_key)
     lines += kept_table(report["summary"]) + health_table(report["summary"]) + claims_table(report["claims"])
@@ -65,7 +66,8 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "frame (screens): they change more than the answer does, so at 50% a rule that keeps what changes most "
         "must drop some of the answer. The learned scorer's reason to exist.",
         "- **long** (test-time scaling): 32 frames, events on any frame, one-frame flashes. The baseline sees every "
-        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens.",
+        "2nd frame (it misses flashes on odd frames); STTS sees all 32 and prunes 50%: the same video tokens. "
+        "baseline-2x sees all 32 unpruned (2x the tokens): what the base makes of the frames STTS chooses from.",
         "",
         f"Model: Qwen2.5-VL (ViT 5x64, LLM {TEXT_LAYERS}x{TEXT_WIDTH}) trained unpruned from a random init on each "
         f"task's videos (the shared init: {train['pretrain_steps']} steps on static, also used for long, "
@@ -78,17 +80,68 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "video, as the LLM sees them. Recall: % of the units the question's event changes (screens excluded) that "
         "the row keeps. Subsampling keeps 1 temporal slot in 2 (50%) or 5 (80%). Ablations of STTS-50: aux-only "
         "(`key_bias=False`: no LM gradient reaches the scorer), lm-only (`aux_loss_weight=0`), mse (the paper's "
-        "aux loss, `aux_loss='mse'`). lm-penalty rows: STTS trained by the LM loss alone "
-        "(`aux_loss_weight=0`) with `logit_penalty_weight=0.01`, which keeps its logits unsaturated. two-phase rows "
-        f"(trained regime only): the lm-penalty scorer trained alone on the frozen init for {train['steps']} steps, "
-        f"then the base trained with the scorer frozen for {train['steps']} steps (as many base-training steps as "
-        "every other trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`). upper rows: "
-        "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change and is silent on "
-        "the others), both losses at their default weights, in one phase; upper-aux-only rows: the same without "
-        "the key bias (`key_bias=False`: no LM gradient reaches the scorer); upper-two-phase rows: the same scorer "
-        "trained in two phases, as the two-phase rows are; upper-margin rows: the upper rows with "
-        "`logit_penalty_weight=0.1, logit_penalty_margin=6` (the logits held inside [-6, 6], where no score "
-        "saturates), in one phase.",
+        "aux loss, `aux_loss='mse'`). The training variants, suffixes of the STTS rows: **two-phase** (trained "
+        f"regime only): the row's scorer trained alone on the frozen init for {train['steps']} steps, then the base "
+        f"trained with the scorer frozen for {train['steps']} steps (as many base-training steps as every other "
+        "trained row, plus the scorer's phase; `STTSCallback(scorer_first_steps=...)`); **lm-bias**: trained by the "
+        "LM loss alone (`aux_loss_weight=0`, `logit_penalty_weight=0.01`, which keeps the logits unsaturated) with "
+        "the key bias in the LLM (`llm_key_bias_weight=1`), which compares the kept units across frames; **upper**: "
+        "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change and is silent on the "
+        "others), both losses at their default weights; **upper-lm-bias**: the upper rows with "
+        "`llm_key_bias_weight=1`; upper-aux-only rows: the upper rows without the key bias (`key_bias=False`: no LM "
+        "gradient reaches the scorer).",
+    ]
+
+
+# The glance table's columns: (label, the task's row-name prefix, the prune percent, the STTS rows' suffix).
+GLANCE_COLUMNS = (
+    ("static 50%", "", 50, ""),
+    ("static 80%", "", 80, ""),
+    ("distractor 50%", "distractor-", 50, ""),
+    ("distractor 80%", "distractor-", 80, ""),
+    ("long: 2x frames, 50%", "long-", 50, "-2x"),
+)
+
+# Its lines: (label, row-name template); a cell whose row does not exist (no similarity row on long) shows "-".
+GLANCE_LINES = (
+    ("unpruned baseline", "{prefix}baseline"),
+    ("similarity rule", "{prefix}similarity-{percent}"),
+    ("random pruning", "{prefix}random-{percent}"),
+    ("STTS, default", "{prefix}stts-{percent}{suffix}"),
+    *((f"STTS, {variant}", f"{{prefix}}stts-{{percent}}{{suffix}}-{variant}") for variant, _, _ in TRAINING_VARIANTS),
+)
+
+
+def glance_table(by_key: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Every way of training STTS against the unpruned baseline and the training-free rules, on the five settings
+    the goals are about: mean accuracy over seeds (nothing if no STTS row ran).
+
+    Args:
+        by_key (`dict`): the summary by (row name, regime).
+
+    Returns:
+        `list[str]`: the lines, a blank line and the table's caption first.
+    """
+    body = []
+    for regime in REGIMES:
+        for label, template in GLANCE_LINES:
+            names = [
+                template.format(prefix=prefix, percent=percent, suffix=suffix)
+                for _, prefix, percent, suffix in GLANCE_COLUMNS
+            ]
+            cells = [by_key.get((name, regime)) for name in names]
+            if any(cells):
+                body.append(table_row(regime, label, *(percent(c and c["accuracy_mean"]) for c in cells)))
+    if not any(line.split(" | ")[1].startswith("STTS") for line in body):
+        return []
+    return [
+        "",
+        "At a glance: accuracy (%, mean over seeds) of each way of training STTS, the unpruned baseline and the "
+        "training-free rules, on the settings the goals are about (on the long task the baseline sees every 2nd "
+        "frame and STTS every frame, pruned by half: the same tokens). Stds, recall and the other rows below.",
+        "",
+        *table_header("base", "rows", *(label for label, *_ in GLANCE_COLUMNS)),
+        *body,
     ]
 
 
@@ -181,8 +234,14 @@ def claims_table(checks: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# The training variant drawn next to the default: the best one measured with the base frozen (README), in its
+# two-phase form with the base trained (in one phase it collapses there).
+PLOTTED_VARIANT = "upper-lm-bias"
+
+
 def plot(summary: list[dict[str, Any]], path: str) -> None:
-    """Accuracy against the fraction of video tokens removed, one line per method, one panel per task and regime."""
+    """Accuracy against the fraction of video tokens removed, one line per method (and `PLOTTED_VARIANT`), one panel
+    per task and regime."""
     panels = [
         (t, r)
         for t in ("static", "distractor")
@@ -193,15 +252,18 @@ def plot(summary: list[dict[str, Any]], path: str) -> None:
         return
     figure, axes = pyplot().subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for axis, (task, regime) in zip(axes[0], panels):
-        points = [s for s in summary if s["task"] == task and s["regime"] == regime and not s["options"]]
+        in_panel = [s for s in summary if s["task"] == task and s["regime"] == regime]
+        points = [s for s in in_panel if not s["options"]]
         baseline = next((s for s in points if s["method"] == "none"), None)
-        for method, label in (
-            ("scorer", "STTS"),
-            ("random", "random"),
-            ("similarity", "similarity"),
-            ("subsample", "subsampling"),
+        variant = PLOTTED_VARIANT + ("-two-phase" if regime == "trained" else "")
+        for rows, label in (
+            ([s for s in points if s["method"] == "scorer"], "STTS, default"),
+            ([s for s in in_panel if s["name"].endswith(f"-{variant}")], f"STTS, {variant}"),
+            ([s for s in points if s["method"] == "random"], "random"),
+            ([s for s in points if s["method"] == "similarity"], "similarity"),
+            ([s for s in points if s["method"] == "subsample"], "subsampling"),
         ):
-            line = sorted((s for s in points if s["method"] == method), key=lambda s: s["ratio"])
+            line = sorted(rows, key=lambda s: s["ratio"])
             line = ([baseline] if baseline else []) + line
             if len(line) < 2:
                 continue
