@@ -88,8 +88,9 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         "the key bias in the LLM (`llm_key_bias_weight=1`), which compares the kept units across frames; **upper**: "
         "`aux_loss='bce_upper'` (the aux loss only pushes down scores above the unit's change and is silent on the "
         "others), both losses at their default weights; **upper-lm-bias**: the upper rows with "
-        "`llm_key_bias_weight=1`; upper-aux-only rows: the upper rows without the key bias (`key_bias=False`: no LM "
-        "gradient reaches the scorer).",
+        "`llm_key_bias_weight=1`; **upper-lm-bias-margin**: those with `logit_penalty_weight=0.1, "
+        "logit_penalty_margin=6` (the logits held inside [-6, 6], where no score saturates); upper-aux-only rows: "
+        "the upper rows without the key bias (`key_bias=False`: no LM gradient reaches the scorer).",
     ]
 
 
