@@ -203,7 +203,8 @@ def health_table(summary: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "",
-        "The learned scorer over the last tenth of its training (means over seeds): saturated scores (within "
+        "The learned scorer over the last tenth of its training (means over seeds; two-phase rows: of the scorer's "
+        "phase, the last it trains): saturated scores (within "
         "1e-4 of 0 or 1, where the sigmoid passes no gradient), the scorer's gradient norm before clipping, the "
         "aux loss.",
         "",
