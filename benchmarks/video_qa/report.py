@@ -123,17 +123,17 @@ def glance_table(by_key: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     Returns:
         `list[str]`: the lines, a blank line and the table's caption first.
     """
-    body = []
-    for regime in REGIMES:
-        for label, template in GLANCE_LINES:
-            names = [
-                template.format(prefix=prefix, percent=percent, suffix=suffix)
-                for _, prefix, percent, suffix in GLANCE_COLUMNS
-            ]
-            cells = [by_key.get((name, regime)) for name in names]
-            if any(cells):
-                body.append(table_row(regime, label, *(percent(c and c["accuracy_mean"]) for c in cells)))
-    if not any(line.split(" | ")[1].startswith("STTS") for line in body):
+    lines = [
+        (
+            regime,
+            label,
+            [by_key.get((template.format(prefix=p, percent=r, suffix=x), regime)) for _, p, r, x in GLANCE_COLUMNS],
+        )
+        for regime in REGIMES
+        for label, template in GLANCE_LINES
+    ]
+    lines = [(regime, label, cells) for regime, label, cells in lines if any(cells)]
+    if not any(label.startswith("STTS") for _, label, _ in lines):
         return []
     return [
         "",
@@ -142,7 +142,10 @@ def glance_table(by_key: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
         "frame and STTS every frame, pruned by half: the same tokens). Stds, recall and the other rows below.",
         "",
         *table_header("base", "rows", *(label for label, *_ in GLANCE_COLUMNS)),
-        *body,
+        *(
+            table_row(regime, label, *(percent(c and c["accuracy_mean"]) for c in cells))
+            for regime, label, cells in lines
+        ),
     ]
 
 

@@ -81,19 +81,20 @@ ABLATIONS = (
 
 # The scorer trained by the LM loss alone with two LM paths: the soft key bias in the ViT, and the straight-through key
 # bias on the kept video tokens in every LLM layer (`llm_key_bias_weight`), which compares units across frames under
-# the pruned set. Weight 1 over 0.3 on the validation split (seeds 0 / 1, base frozen; README). The logit penalty
-# keeps the logits in the sigmoid's slope (0.01 over 0.001 on the validation split, seeds 0 / 1, distractor task).
+# the pruned set. Weight 1 over 0.3 on the validation split (seeds 0 / 1, base frozen; docs/scorer-findings.md).
+# The logit penalty keeps the logits in the sigmoid's slope (0.01 over 0.001 on the validation split, seeds 0 / 1,
+# distractor task).
 LM_BIAS = (("aux_loss_weight", 0.0), ("logit_penalty_weight", 0.01), ("llm_key_bias_weight", 1.0))
 
 
 # The change as an upper bound of the score (`aux_loss="bce_upper"`): the aux loss pushes down what did not change
 # and is silent on what did. No logit penalty: with it (0.01) the distractor task fell to 53 / 58 (validation split,
 # seeds 0 / 1, base frozen), and so did a floor that held scores above 0.01 (76 / 77); holding the logits inside
-# [-6, 6] with the margin penalty (0.1) lost to it on the previous table (README).
+# [-6, 6] with the margin penalty (0.1) lost to it on the previous table (docs/scorer-findings.md).
 UPPER = (("aux_loss", "bce_upper"),)
 
 # bce_upper and the LLM key bias together: the aux loss drops what repeats, the LM loss ranks the rest across frames
-# (validation split, seeds 0-3, base frozen: the best of the scorers measured there; README).
+# (validation split, seeds 0-3, base frozen: the best of the scorers measured there; docs/scorer-findings.md).
 UPPER_LM_BIAS = (*UPPER, ("llm_key_bias_weight", 1.0))
 
 # The same with its logits held inside [-6, 6] by the margin logit penalty (`logit_penalty_margin`), so that no score
