@@ -27,9 +27,9 @@ PARTS = (
     (
         "Speed",
         f"`{command('speed')}` (baseline and STTS alternated in one process, medians; the ideal is the ratio "
-        f"of counted FLOPs; on a GPU, Qwen2.5-VL-3B's real shapes with random weights: `{command('speed')} --family "
-        "qwen2_5_vl_3b --device cuda --dtype bfloat16 --frames 32 128 --ratios 0.5`, not run here: this machine "
-        "has no GPU)",
+        "of the matrix-product FLOPs each needs; on a GPU, Qwen2.5-VL-3B's real shapes with random weights: "
+        f"`{command('speed')} --family qwen2_5_vl_3b --device cuda --dtype bfloat16 --frames 32 128 --ratios 0.5`, "
+        "not run here: this machine has no GPU)",
         "speed.md",
         (("speed-up against frames, with the FLOP ideal", "speed.png"),),
     ),

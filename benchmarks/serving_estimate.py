@@ -1,7 +1,8 @@
 """Prefill FLOPs at real models' shapes (random configs, no weights), 50% pruning. First table, Qwen2.5-VL-3B: STTS,
 which prunes inside the ViT, against pruning after the ViT, as vLLM's EVS (and a learned-scorer plugin in its
-place) can; used by docs/serving.md. Second table: the STTS scorer's share of the baseline's FLOPs at the spec's
-width (the ViT's MLP width) on Qwen2.5-VL-3B and LLaVA-OneVision-7B; quoted by the README.
+place) can; used by docs/serving.md. Second table: the STTS scorer's share of the baseline's FLOPs and of the
+pruned forward's at the spec's width (the ViT's MLP width) on Qwen2.5-VL-3B and LLaVA-OneVision-7B; quoted by the
+README.
 
     python -m benchmarks.serving_estimate
 """
@@ -29,9 +30,10 @@ def half_kept(slots: int, side: int) -> torch.Tensor:
     return keep.view(slots, side, side)
 
 
-def scorer_share(stts: FlopCount, base: FlopCount) -> float:
-    """The scorer's FLOPs (with the gathering of its input) as a fraction of the baseline forward's."""
-    return (stts.scorer + stts.scorer_input) / base.forward()
+def scorer_share(stts: FlopCount, of: FlopCount) -> float:
+    """The scorer's FLOPs (with the gathering of its input) as a fraction of the forward `of` (the baseline's, or
+    the pruned one's: `stts` itself)."""
+    return (stts.scorer + stts.scorer_input) / of.forward()
 
 
 def qwen_counts(frames: int) -> tuple[FlopCount, FlopCount, FlopCount]:
@@ -80,19 +82,22 @@ def main() -> None:
             f"{base.forward() / after_vit.forward():.2f}x | {vit_share:.0%} | {scorer_share(stts, base):.2%} |"
         )
     print()
-    print("| model (real shapes) | frames | video tokens | STTS FLOP speed-up at 50% | scorer share of the baseline |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model (real shapes) | frames | video tokens | STTS FLOP speed-up at 50% | scorer share of the baseline "
+        "| scorer share of the pruned forward |"
+    )
+    print("|---|---|---|---|---|---|")
     for frames in (32, 128):
         base, stts, _ = qwen[frames]
         print(
             f"| Qwen2.5-VL-3B | {frames} | {qwen_video_tokens(frames)} | {base.forward() / stts.forward():.2f}x "
-            f"| {scorer_share(stts, base):.2%} |"
+            f"| {scorer_share(stts, base):.2%} | {scorer_share(stts, stts):.2%} |"
         )
     for frames in (32, 128):
         base, stts = llava_onevision_counts(frames)
         print(
             f"| LLaVA-OneVision-7B | {frames} | {frames * LLAVA_UNITS**2} | {base.forward() / stts.forward():.2f}x "
-            f"| {scorer_share(stts, base):.2%} |"
+            f"| {scorer_share(stts, base):.2%} | {scorer_share(stts, stts):.2%} |"
         )
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.speed.families import Family
-from benchmarks.speed.flops import counted_flops, flop_speedups
+from benchmarks.speed.flops import FlopCount, counted_flops, flop_speedups
 from benchmarks.speed.kinds import KINDS
 from benchmarks.speed.measure import (
     alternate,
@@ -50,36 +50,46 @@ def pruned_forward(model: STTSModel, batch: dict, ratio: float, count: bool) -> 
     return (outputs[0] if outputs else run()).stts, flops
 
 
+def analytic_counts(
+    model: STTSModel, family: Family, config: Any, report: Any, length: int, args: argparse.Namespace
+) -> tuple[FlopCount, FlopCount, FlopCount, int]:
+    """The analytic FLOPs of one video's forward with the kept units of `report` (an STTS forward's): baseline, STTS
+    ideal, STTS as executed, and the LLM tokens pruned."""
+    rows, columns = family.unit_grid(config, args.size)
+    keep = report.keep_masks[0].cpu().reshape(-1, rows, columns)
+    pruned = report.units_before[0] - report.units_after[0]
+    base = family.flops(config, torch.ones_like(keep), length, args.prune_layer)
+    hidden = model.scorer.hidden_size
+    ideal = family.flops(config, keep, length - pruned, args.prune_layer, hidden)
+    executed = family.flops(config, keep, length - pruned, args.prune_layer, hidden, executed=True)
+    return base, ideal, executed, pruned
+
+
 def flop_analysis(model: STTSModel, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     """Analytic FLOPs of the baseline and of STTS at every ratio (with the kept units of a real forward), and the
     FlopCounterMode counts of the same forwards (`args.flop_check`)."""
-    family, config, batch, layer = case.family, case.config, case.batch, args.prune_layer
-    rows, columns = family.unit_grid(config, args.size)
+    batch = case.batch
     length, prompt_length = batch["input_ids"].shape[1], case.prompt["input_ids"].shape[1]
     model.eval()
     per_ratio: dict[float, dict[str, Any]] = {}
     for ratio in case.ratios:
         report, counted = pruned_forward(model, batch, ratio, args.flop_check)
-        keep = report.keep_masks[0].cpu().reshape(-1, rows, columns)
-        base = family.flops(config, torch.ones_like(keep), length, layer)  # the same at every ratio
-        pruned = report.units_before[0] - report.units_after[0]
-        ideal = family.flops(config, keep, length - pruned, layer, model.scorer.hidden_size)
-        executed = family.flops(config, keep, length - pruned, layer, model.scorer.hidden_size, executed=True)
+        base, ideal, executed, pruned = analytic_counts(model, case.family, case.config, report, length, args)
         per_ratio[ratio] = {
             "units": [report.units_before[0], report.units_after[0]],
             "sequence": [length, length - pruned],
             "ideal": ideal.as_dict(),
             "executed": executed.as_dict(),
             "executed_counted": counted,
-            "executed_counted_ratio": executed.forward() / counted if counted else None,
-            "speedup": flop_speedups(base, ideal, config.text_config, prompt_length, pruned),
-            "executed_speedup": flop_speedups(base, executed, config.text_config, prompt_length, pruned),
+            "executed_counted_ratio": executed.counted_forward() / counted if counted else None,
+            "speedup": flop_speedups(base, ideal, case.config.text_config, prompt_length, pruned),
+            "executed_speedup": flop_speedups(base, executed, case.config.text_config, prompt_length, pruned),
         }
     counted_base = counted_flops(bare(model, forward_step(model, batch))) if args.flop_check else None
     return {
         "baseline": base.as_dict(),
         "baseline_counted": counted_base,
-        "baseline_counted_ratio": base.forward() / counted_base if counted_base else None,
+        "baseline_counted_ratio": base.counted_forward() / counted_base if counted_base else None,
         "per_ratio": per_ratio,
     }
 
@@ -152,7 +162,7 @@ def case_results(case: Case, flops: dict, inference: dict, scorer_train: tuple, 
             "train_fraction": inference["scorer_train_s"] / whole_base,
             "ratio0_forward_overhead": inference["forward_ratio0_s"] / forward_base - 1.0,
             "flops_fraction": (analysis["ideal"]["scorer"] + analysis["ideal"]["scorer_input"])
-            / sum(flops["baseline"].values()),
+            / FlopCount(**flops["baseline"]).forward(),
         }
         row["flops"] = {"baseline": flops["baseline"], **{k: analysis[k] for k in ("ideal", "executed")}}
         row["flop_check"] = {

@@ -65,6 +65,7 @@ class Family:
         build_batch (`Callable[[config, list[Sample]], dict]`): the processor-faithful batch builder.
         unit_grid (`Callable[[config, int], tuple[int, int]]`): units per frame side (rows, columns) at a frame side.
         flops (`Callable[..., FlopCount]`): the analytic FLOP model (see `qwen2_5_vl_flops`).
+        patch_embedding, connector (`str`): module paths in the transformers model (`--profile`'s stages).
     """
 
     name: str
@@ -74,6 +75,8 @@ class Family:
     build_batch: Callable[[Any, list[Sample]], dict[str, torch.Tensor]]
     unit_grid: Callable[[Any, int], tuple[int, int]]
     flops: Callable[..., FlopCount]
+    patch_embedding: str
+    connector: str
 
     def model(self, config: Any, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa") -> nn.Module:
         """A random-init model of this family on `device`, in `dtype`, with transformers' `attention`
@@ -117,6 +120,8 @@ def qwen_family(name: str, description: str, make_config: Callable[[], Any]) -> 
         build_batch=build_qwen_batch,
         unit_grid=qwen_unit_grid,
         flops=qwen2_5_vl_flops,
+        patch_embedding="model.visual.patch_embed",
+        connector="model.visual.merger",
     )
 
 
@@ -142,6 +147,8 @@ FAMILIES = {
         build_batch=build_llava_onevision_batch,
         unit_grid=llava_unit_grid,
         flops=llava_onevision_flops,
+        patch_embedding="model.vision_tower.embeddings",
+        connector="model.multi_modal_projector",
     ),
 }
 DEFAULT_FAMILIES = ("qwen2_5_vl", "llava_onevision")  # the 3B shapes are for GPUs (~15 GB in float32)

@@ -29,6 +29,11 @@ class FlopCount:
     the key bias), its query/key/value projections apart in `bias_block_qkv`; `vit_tail`: blocks prune_layer+2..
     (kept tokens only); `scorer_input`: the scorer's products with the patches as one input (the query projection
     of their mean, the scores, the mixing), `scorer` the rest of it.
+
+    The LLM's causal attention needs the products on and below the diagonal (`llm_attention`): the causal kernels
+    both arms run (CPU's fused SDPA, FlashAttention) skip the rest, while the math SDPA backend computes the whole
+    square and `FlopCounterMode` counts it. That rest stands apart in `llm_attention_masked`: outside the ideal
+    (`forward`, `train_step`), inside `counted_forward` and `train_step(counted=True)`.
     """
 
     patch_embed: float = 0.0
@@ -42,15 +47,20 @@ class FlopCount:
     connector: float = 0.0
     llm: float = 0.0
     llm_attention: float = 0.0
+    llm_attention_masked: float = 0.0
     lm_head: float = 0.0
     scorer_input: float = 0.0
     scorer: float = 0.0
 
     def forward(self) -> float:
-        """FLOPs of the whole forward."""
-        return float(sum(dataclasses.astuple(self)))
+        """FLOPs of the whole forward that the computation needs (without `llm_attention_masked`)."""
+        return float(sum(dataclasses.astuple(self))) - self.llm_attention_masked
 
-    def train_step(self, whole_model: bool) -> float:
+    def counted_forward(self) -> float:
+        """FLOPs of the whole forward as `FlopCounterMode` counts them with the math SDPA backend."""
+        return self.forward() + self.llm_attention_masked
+
+    def train_step(self, whole_model: bool, counted: bool = False) -> float:
         """Forward + backward FLOPs (autograd computes only the gradients something needs).
 
         A weight matmul costs 3x its forward when its weight trains (forward, input and weight gradients), 2x when
@@ -60,9 +70,11 @@ class FlopCount:
         it reaches that block only through the key bias, so its q/k/v projections need nothing (1x) and its
         attention only dP = dO V^T (1.5x); the scorer's products with the patches have an input without gradient
         (2x). The baseline (`gradient_probe`) back-propagates into that block's input: 2x / 3x like the blocks after it.
+        `counted`: with `llm_attention_masked` (3x), as `FlopCounterMode` counts with the math SDPA backend.
         """
+        masked = 3 * self.llm_attention_masked if counted else 0.0
         if whole_model:
-            return 2 * self.patch_embed + 3 * (self.forward() - self.patch_embed)
+            return 2 * self.patch_embed + 3 * (self.forward() - self.patch_embed) + masked
         total = self.patch_embed + self.vit_head + self.vit_head_attention
         total += 2 * (self.bias_block + self.vit_tail + self.connector + self.llm + self.lm_head)
         total += 3 * (self.vit_tail_attention + self.llm_attention)
@@ -70,7 +82,7 @@ class FlopCount:
             total += self.bias_block_qkv + 1.5 * self.bias_block_attention + 2 * self.scorer_input + 3 * self.scorer
         else:
             total += 2 * self.bias_block_qkv + 3 * self.bias_block_attention
-        return total
+        return total + masked
 
     def as_dict(self) -> dict[str, float]:
         """The count by part, for the JSON."""
@@ -82,16 +94,23 @@ def attention_products(lengths: torch.Tensor, width: int) -> float:
     return float(4 * (lengths.double() ** 2).sum() * width)
 
 
-def decoder_flops(text_config: Any, queries: int, keys: int) -> tuple[float, float]:
-    """(weight matmuls, attention products) of the LLM's decoder layers for `queries` new tokens attending to `keys`
-    positions (GQA: the products run over all query heads; causal masking is not subtracted, as the CPU kernels and
-    FlopCounterMode count the full rectangle)."""
+def decoder_flops(text_config: Any, queries: int, keys: int) -> tuple[float, float, float]:
+    """(weight matmuls, attention products needed, attention products masked) of the LLM's decoder layers for
+    `queries` new tokens, the last of `keys` positions, attending causally (GQA: the products run over all query
+    heads). Query i of the new tokens needs the keys up to its own position; the masked rest of the `queries` x `keys`
+    rectangle is what the math SDPA backend computes anyway and a causal kernel skips."""
     hidden, heads = text_config.hidden_size, text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or hidden // heads
     kv_width = text_config.num_key_value_heads * head_dim
     per_token = 2 * (2 * hidden * heads * head_dim + 2 * hidden * kv_width + 3 * hidden * text_config.intermediate_size)
     layers = text_config.num_hidden_layers
-    return float(layers * queries * per_token), float(layers * 4 * queries * keys * heads * head_dim)
+    needed_pairs = queries * (keys - queries) + queries * (queries + 1) // 2
+    per_pair = layers * 4 * heads * head_dim
+    return (
+        float(layers * queries * per_token),
+        float(per_pair * needed_pairs),
+        float(per_pair * (queries * keys - needed_pairs)),
+    )
 
 
 def lm_head_flops(text_config: Any, tokens: int) -> float:
@@ -110,7 +129,9 @@ def add_scorer(count: FlopCount, units: int, patches: int, width: int, heads: in
 
 def add_language_model(count: FlopCount, text_config: Any, sequence_length: int) -> FlopCount:
     """Add the LLM (decoder layers and lm_head) on `sequence_length` tokens to `count`; returns it."""
-    count.llm, count.llm_attention = decoder_flops(text_config, sequence_length, sequence_length)
+    count.llm, count.llm_attention, count.llm_attention_masked = decoder_flops(
+        text_config, sequence_length, sequence_length
+    )
     count.lm_head = lm_head_flops(text_config, sequence_length)  # a forward with labels computes every position
     return count
 
@@ -251,7 +272,7 @@ def generate_flops(count: FlopCount, text_config: Any, prompt_length: int, new_t
     decoding steps of one token over the KV cache."""
     total = count.forward() - count.lm_head + lm_head_flops(text_config, 1)
     for step in range(1, new_tokens):
-        linear, attention = decoder_flops(text_config, 1, prompt_length + step)
+        linear, attention, _ = decoder_flops(text_config, 1, prompt_length + step)
         total += linear + attention + lm_head_flops(text_config, 1)
     return total
 
