@@ -24,7 +24,7 @@ from benchmarks.speed.benchmark import new_model, pruned_forward
 from benchmarks.speed.families import FAMILIES
 from benchmarks.speed.flops import FlopCount, counted_flops, decoder_flops
 from benchmarks.speed.main import main, parse_args
-from benchmarks.speed.measure import bare, forward_step, gradient_probe, rewrap, train_step
+from benchmarks.speed.measure import bare, forward_step, gradient_probe, rewrap, round_robin, train_step
 from benchmarks.speed.profiling import (
     BETWEEN,
     SCORING,
@@ -36,7 +36,7 @@ from benchmarks.speed.profiling import (
     stage_flops,
     stage_table,
 )
-from benchmarks.speed.report import scorer_shares
+from benchmarks.speed.report import round_range, rounds_note, scorer_shares
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT = 1e-6  # relative: both sides count the same ops from the same shapes (see the module docstring)
@@ -70,6 +70,7 @@ def test_quick_run_writes_consistent_json(quick_run: Path) -> None:
             entry = row[kind]
             assert entry["baseline_s"] > 0 and entry["stts_s"] > 0
             assert entry["speedup"] == pytest.approx(entry["baseline_s"] / entry["stts_s"])
+            assert entry["baseline_runs_s"] == [entry["baseline_s"]] and entry["stts_runs_s"] == [entry["stts_s"]]
             assert entry["ideal"] > 1.0
             assert entry["of_ideal"] == pytest.approx(entry["speedup"] / entry["ideal"])
             assert 1.0 < entry["executed_flops_speedup"] <= entry["ideal"] * (1 + EXACT)
@@ -99,6 +100,21 @@ def test_render_rewrites_the_markdown_from_the_json(quick_run: Path, tmp_path: P
     assert (tmp_path / "speed.md").read_text() == (quick_run / "speed.md").read_text()
     assert "Command: `python -m benchmarks.speed --quick --threads 1 --out " in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_round_robin_warms_up_then_alternates_the_runs() -> None:
+    calls: list[str] = []
+    runs = [lambda name=name: calls.append(name) for name in "abc"]
+    samples = round_robin(runs, repeats=2, measure=lambda run: (run(), len(calls))[1])
+    assert calls == list("abc" + "abc" + "abc")  # one warm-up each, then two rounds in order
+    assert samples == [[4, 7], [5, 8], [6, 9]]  # per run, its measurements in round order
+
+
+def test_the_rounds_of_a_cell_give_its_spread() -> None:
+    entry = {"ideal": 2.0, "baseline_runs_s": [2.0, 2.2, 1.8], "stts_runs_s": [1.0, 1.0, 1.2]}
+    assert round_range(entry) == "1.50-2.20x"
+    assert rounds_note(entry) == " (single rounds: 1.50-2.20x, 75%-110% of ideal)"
+    assert round_range({"ideal": 2.0}) == "-" and rounds_note({"ideal": 2.0}) == ""  # rows without rounds
 
 
 def test_the_scorer_share_is_of_the_pruned_step() -> None:

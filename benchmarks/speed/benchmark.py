@@ -4,6 +4,7 @@ measurement against the baseline, and the result rows."""
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,8 @@ def flop_analysis(model: STTSModel, case: Case, args: argparse.Namespace) -> dic
 
 
 def measure_inference(model: STTSModel, case: Case) -> dict[str, Any]:
-    """Forward and generate, baseline vs every ratio (forward also at ratio 0: the machinery's own overhead), and
-    the scoring step alone (inference and training)."""
+    """Forward and generate, the seconds of every round, baseline vs every ratio (forward also at ratio 0: the
+    machinery's own overhead), and the scoring step alone (inference and training)."""
     model.eval()
     forward = forward_step(model, case.batch)
     forward_base, forward_stts = alternate(
@@ -112,25 +113,35 @@ def measure_inference(model: STTSModel, case: Case) -> dict[str, Any]:
     return {
         "forward": (forward_base, forward_stts[1:]),
         "generate": (generate_base, generate_stts),
-        "forward_ratio0_s": forward_stts[0],
+        "forward_ratio0_s": statistics.median(forward_stts[0]),
         "scorer_forward_s": scorer_forward,
         "scorer_train_s": scorer_train,
     }
 
 
-def measure_training(model: STTSModel, case: Case, whole_model: bool) -> tuple[float, list[float]]:
-    """Training step, baseline vs every ratio. Scorer-only: the baseline is the frozen bare model back-propagating to
-    block prune_layer's output (`gradient_probe`)."""
+def measure_training(model: STTSModel, case: Case, whole_model: bool) -> tuple[list[float], list[list[float]]]:
+    """Training step, the seconds of every round, baseline vs every ratio. Scorer-only: the baseline is the frozen
+    bare model back-propagating to block prune_layer's output (`gradient_probe`)."""
     model.train()
     step = train_step(model, case.batch)
     baseline = bare(model, step) if whole_model else gradient_probe(model, step)
     return alternate(baseline, ratio_variants(model, case.ratios, step), case.repeats)
 
 
-def timing_entry(baseline: float, stts: float, ideal: float) -> dict[str, float]:
-    """Baseline and STTS seconds of one kind, the speed-up and its fraction of the ideal one."""
+def timing_entry(baseline_runs: list[float], stts_runs: list[float], ideal: float) -> dict[str, Any]:
+    """One kind's timings: the median seconds of baseline and STTS, the speed-up (of the medians) and its fraction of
+    the ideal one, and the seconds of every round (`round_speedups` reads them)."""
+    baseline, stts = statistics.median(baseline_runs), statistics.median(stts_runs)
     speedup = baseline / stts
-    return {"baseline_s": baseline, "stts_s": stts, "speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal}
+    return {
+        "baseline_s": baseline,
+        "stts_s": stts,
+        "speedup": speedup,
+        "ideal": ideal,
+        "of_ideal": speedup / ideal,
+        "baseline_runs_s": list(baseline_runs),
+        "stts_runs_s": list(stts_runs),
+    }
 
 
 def case_results(case: Case, flops: dict, inference: dict, scorer_train: tuple, whole_train: tuple) -> list[dict]:
@@ -141,7 +152,7 @@ def case_results(case: Case, flops: dict, inference: dict, scorer_train: tuple, 
         "train_scorer": scorer_train,
         "train_whole": whole_train,
     }
-    forward_base, whole_base = inference["forward"][0], whole_train[0]
+    forward_base, whole_base = statistics.median(inference["forward"][0]), statistics.median(whole_train[0])
     rows = []
     for index, ratio in enumerate(case.ratios):
         analysis = flops["per_ratio"][ratio]

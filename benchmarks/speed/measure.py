@@ -1,5 +1,6 @@
-"""Timing (`timed`, `alternate`, `median_seconds`) and the steps it times: a forward, `generate`, a training step, the
-scoring step alone, each on the STTS model, on the bare model (`bare`) or at a prune ratio (`with_ratio`)."""
+"""Timing (`timed`, `round_robin`, `alternate`, `median_seconds`) and the steps it times: a forward, `generate`, a
+training step, the scoring step alone, each on the STTS model, on the bare model (`bare`) or at a prune ratio
+(`with_ratio`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from torch import nn
 from benchmarks.speed.kinds import NEW_TOKENS
 from stts_adapter import STTSConfig, STTSModel, apply_stts
 from stts_adapter.runtime import VisionPruningPass
+
+T = TypeVar("T")
 
 
 def synchronize() -> None:
@@ -32,26 +35,41 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def alternate(
-    baseline: Callable[[], object], variants: Sequence[Callable[[], object]], repeats: int
-) -> tuple[float, list[float]]:
-    """Median seconds of the baseline and of every variant, measured round-robin (baseline, variant 1, ...,
-    baseline, ...) after one warm-up of each, so that a drift in the machine's speed hits them all alike."""
-    runs = [baseline, *variants]
+def round_robin(
+    runs: Sequence[Callable[[], object]], repeats: int, measure: Callable[[Callable[[], object]], T] = timed
+) -> list[list[T]]:
+    """`repeats` measurements of every run, taken round-robin (run 1, run 2, ..., run 1, ...) after one warm-up of
+    each, so that a drift in the machine's speed hits them all alike.
+
+    Args:
+        runs (`Sequence[Callable]`): what to measure.
+        repeats (`int`): rounds.
+        measure (`Callable`): takes a run, returns its measurement (default: `timed`, seconds).
+
+    Returns:
+        `list[list]`: per run, its measurements in round order.
+    """
     for run in runs:
         run()
-    samples: list[list[float]] = [[] for _ in runs]
+    samples: list[list[T]] = [[] for _ in runs]
     for _ in range(repeats):
-        for run, times in zip(runs, samples):
-            times.append(timed(run))
-    medians = [statistics.median(times) for times in samples]
-    return medians[0], medians[1:]
+        for run, taken in zip(runs, samples):
+            taken.append(measure(run))
+    return samples
+
+
+def alternate(
+    baseline: Callable[[], object], variants: Sequence[Callable[[], object]], repeats: int
+) -> tuple[list[float], list[list[float]]]:
+    """Seconds of every round of the baseline and of every variant, measured round-robin (`round_robin`): the
+    baseline's, and each variant's."""
+    baseline_runs, *variant_runs = round_robin([baseline, *variants], repeats)
+    return baseline_runs, variant_runs
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
     """Median of `repeats` timed runs after one warm-up."""
-    run()
-    return statistics.median(timed(run) for _ in range(repeats))
+    return statistics.median(round_robin([run], repeats)[0])
 
 
 def vision_block(model: STTSModel, index: int) -> nn.Module:

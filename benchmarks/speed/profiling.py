@@ -15,7 +15,16 @@ from typing import Any
 from benchmarks.speed.benchmark import analytic_counts, new_model
 from benchmarks.speed.families import Family
 from benchmarks.speed.flops import FlopCount
-from benchmarks.speed.measure import alternate, bare, forward_step, rewrap, synchronize, timed, train_step
+from benchmarks.speed.measure import (
+    alternate,
+    bare,
+    forward_step,
+    rewrap,
+    round_robin,
+    synchronize,
+    timed,
+    train_step,
+)
 from stts_adapter import STTSModel
 
 CONTAINERS = {"forward", "_prune_inputs", "encode_videos", "run_block", "_forward_frames", "__call__"}
@@ -63,7 +72,8 @@ def profile_family(family: Family, args: argparse.Namespace) -> None:
     for kind, training in (("forward", False), ("training step, whole model", True)):
         model.train(training)
         step = train_step(model, batch) if training else forward_step(model, batch)
-        base_s, (stts_s,) = alternate(bare(model, step), [step], args.repeats)
+        base_runs, (stts_runs,) = alternate(bare(model, step), [step], args.repeats)
+        base_s, stts_s = statistics.median(base_runs), statistics.median(stts_runs)
         profile = cProfile.Profile()
         profile.runcall(step)
         print(
@@ -171,16 +181,11 @@ class StageClock:
 
 
 def median_stage_times(clock: StageClock, runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
-    """{run name: {stage: median seconds}}, the runs alternated round-robin after one warm-up each."""
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()
-    for _ in range(repeats):
-        for name, run in runs.items():
-            samples[name].append(clock.time(run))
+    """{run name: {stage: median seconds}}, the runs measured round-robin (`round_robin`) by `clock`."""
+    samples = round_robin(list(runs.values()), repeats, measure=clock.time)
     return {
         name: {stage: statistics.median(times[stage] for times in timings) for stage in timings[0]}
-        for name, timings in samples.items()
+        for name, timings in zip(runs, samples)
     }
 
 

@@ -56,6 +56,18 @@ def speedup_cell(entry: dict[str, float]) -> str:
     return f"{entry['speedup']:.2f}x / {entry['ideal']:.2f}x ({entry['of_ideal']:.0%})"
 
 
+def round_speedups(entry: dict) -> list[float]:
+    """The speed-up of every round of the round-robin (the baseline's seconds over STTS's in the same round), empty
+    for rows from before the rounds were recorded. Their spread shows how noisy the cell's median is."""
+    return [b / s for b, s in zip(entry.get("baseline_runs_s", []), entry.get("stts_runs_s", []))]
+
+
+def round_range(entry: dict) -> str:
+    """`min-max` of `round_speedups`, "-" without rounds."""
+    speedups = round_speedups(entry)
+    return f"{min(speedups):.2f}-{max(speedups):.2f}x" if speedups else "-"
+
+
 def memory_cell(row: dict) -> str:
     """A cell `baseline -> STTS (ratio)` of the peak memory in MiB, "-" where it was not measured."""
     memory = row.get("peak_memory_mib")
@@ -107,13 +119,19 @@ def times_table(rows: list[dict]) -> list[str]:
         *(f"{KIND_COLUMNS[kind]} (ms)" for kind in KINDS),
         "FLOP speed-up as executed (fwd / train)",
         "STTS at ratio 0 (fwd)",
+        "forward, speed-up of each round (min-max)",
     )
     for r in rows:
         times = [f"{r[k]['baseline_s'] * 1000:.0f} -> {r[k]['stts_s'] * 1000:.0f}" for k in KINDS]
         executed = f"{r['forward']['executed_flops_speedup']:.2f}x / {r['train_whole']['executed_flops_speedup']:.2f}x"
         lines.append(
             table_row(
-                *case_cells(r), str(r["repeats"]), *times, executed, f"{r['scorer']['ratio0_forward_overhead']:+.1%}"
+                *case_cells(r),
+                str(r["repeats"]),
+                *times,
+                executed,
+                f"{r['scorer']['ratio0_forward_overhead']:+.1%}",
+                round_range(r["forward"]),
             )
         )
     return lines
@@ -149,6 +167,15 @@ def flop_check_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def rounds_note(entry: dict) -> str:
+    """A target line's tail: the speed-ups of the single rounds, as a fraction of the ideal."""
+    speedups = round_speedups(entry)
+    if not speedups:
+        return ""
+    low, high = min(speedups) / entry["ideal"], max(speedups) / entry["ideal"]
+    return f" (single rounds: {round_range(entry)}, {low:.0%}-{high:.0%} of ideal)"
+
+
 def target_lines(rows: list[dict], main_ratio: float) -> list[str]:
     """The targets of the speed issue, checked on this family's rows: at 32 frames every kind within 95% of its
     FLOP ideal; at 128 frames >= 1.6x; speed-ups rising with frames; the scorer < 2% of the pruned forward."""
@@ -161,14 +188,14 @@ def target_lines(rows: list[dict], main_ratio: float) -> list[str]:
             verdict = "met" if e["of_ideal"] >= 0.95 else "NOT met"
             lines.append(
                 f"- {KIND_TITLES[kind]} at 32 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.0%} of "
-                f"ideal (target >= 95% of ideal): {verdict}"
+                f"ideal (target >= 95% of ideal): {verdict}{rounds_note(e)}"
             )
     if 128 in at:
         for kind in KINDS:
             e = at[128][kind]
             lines.append(
                 f"- {KIND_TITLES[kind]} at 128 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.0%} of "
-                f"ideal (target >= 1.6x): {'met' if e['speedup'] >= 1.6 else 'NOT met'}"
+                f"ideal (target >= 1.6x): {'met' if e['speedup'] >= 1.6 else 'NOT met'}{rounds_note(e)}"
             )
     for kind in KINDS:
         speedups = [r[kind]["speedup"] for r in main]
@@ -242,7 +269,8 @@ def markdown(results: list[dict], settings: dict[str, Any]) -> str:
         "- scorer: the scoring step alone (unit gathering, scorer, key bias, selection; in training also the aux "
         "loss) on block prune_layer's output, as a share of the pruned forward / of the pruned whole-model "
         "training step (with its backward) at the row's ratio. 'STTS at ratio 0' is a full STTS forward pruning "
-        "nothing, against the baseline.",
+        "nothing, against the baseline. 'Speed-up of each round': the baseline's time over STTS's in the same "
+        "round of the round-robin; their spread shows how far the machine's noise moves a cell.",
         "",
     ]
     for name in dict.fromkeys(r["family"] for r in results):
