@@ -187,7 +187,7 @@ def target_lines(rows: list[dict], main_ratio: float) -> list[str]:
             e = at[32][kind]
             verdict = "met" if e["of_ideal"] >= 0.95 else "NOT met"
             lines.append(
-                f"- {KIND_TITLES[kind]} at 32 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.0%} of "
+                f"- {KIND_TITLES[kind]} at 32 frames, {main_ratio:.0%}: {e['speedup']:.2f}x, {e['of_ideal']:.1%} of "
                 f"ideal (target >= 95% of ideal): {verdict}{rounds_note(e)}"
             )
     if 128 in at:
