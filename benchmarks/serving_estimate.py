@@ -33,7 +33,7 @@ def half_kept(slots: int, side: int) -> torch.Tensor:
 def scorer_share(stts: FlopCount, of: FlopCount) -> float:
     """The scorer's FLOPs (with the gathering of its input) as a fraction of the forward `of` (the baseline's, or
     the pruned one's: `stts` itself)."""
-    return (stts.scorer + stts.scorer_input) / of.forward()
+    return stts.scoring() / of.forward()
 
 
 def qwen_counts(frames: int) -> tuple[FlopCount, FlopCount, FlopCount]:

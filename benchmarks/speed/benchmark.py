@@ -152,7 +152,6 @@ def case_results(case: Case, flops: dict, inference: dict, scorer_train: tuple, 
         "train_scorer": scorer_train,
         "train_whole": whole_train,
     }
-    forward_base, whole_base = statistics.median(inference["forward"][0]), statistics.median(whole_train[0])
     rows = []
     for index, ratio in enumerate(case.ratios):
         analysis = flops["per_ratio"][ratio]
@@ -168,12 +167,12 @@ def case_results(case: Case, flops: dict, inference: dict, scorer_train: tuple, 
             baseline, stts = timings[kind]
             row[kind] = timing_entry(baseline, stts[index], analysis["speedup"][kind])
             row[kind]["executed_flops_speedup"] = analysis["executed_speedup"][kind]
+        forward_base, whole_base = row["forward"]["baseline_s"], row["train_whole"]["baseline_s"]
         row["scorer"] = {
             "forward_fraction": inference["scorer_forward_s"] / forward_base,
             "train_fraction": inference["scorer_train_s"] / whole_base,
             "ratio0_forward_overhead": inference["forward_ratio0_s"] / forward_base - 1.0,
-            "flops_fraction": (analysis["ideal"]["scorer"] + analysis["ideal"]["scorer_input"])
-            / FlopCount(**flops["baseline"]).forward(),
+            "flops_fraction": FlopCount(**analysis["ideal"]).scoring() / FlopCount(**flops["baseline"]).forward(),
         }
         row["flops"] = {"baseline": flops["baseline"], **{k: analysis[k] for k in ("ideal", "executed")}}
         row["flop_check"] = {

@@ -84,6 +84,10 @@ class FlopCount:
             total += 2 * self.bias_block_qkv + 3 * self.bias_block_attention
         return total + masked
 
+    def scoring(self) -> float:
+        """FLOPs of the scorer, with the gathering of its input."""
+        return self.scorer_input + self.scorer
+
     def as_dict(self) -> dict[str, float]:
         """The count by part, for the JSON."""
         return dataclasses.asdict(self)
